@@ -1,15 +1,223 @@
-"""Our own Triton block-sparse attention kernel (CUDA). Not written yet: every call says so."""
+"""Our own Triton block-sparse attention backend (forward and backward), see ``kernels/attention.py``.
+
+Runs CUDA tensors in float16, bfloat16 or float32 (float32 with full-precision dots) with head_dim
+16, 32, 64 or 128. The kernels are imported lazily, so importing this module never needs Triton
+and never fixes Triton's interpreter mode (tests turn the interpreter on before the first import
+and then run these same kernels on the CPU).
+
+Block lists are cached on the :class:`BlockSparseMask` (``mask._cache``): the kv lists under
+``"kv"`` (the fused mask builder writes them directly), the union lists for 64-row tables on
+128-row tiles under ``"kv_union128"``, and the transposed (q-side) lists the backward needs under
+``"q_tiles64"`` / ``"q_tiles128"``, built only when a gradient is needed.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass, replace
+
 import torch
 
+from ..grid import BLOCK_TOKENS, block_counts_on
 from ..masks import BlockSparseMask
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch choices. ``tile_m_for_64``: query tile for ``query_block=64`` tables (64 = one row per
+    tile; 128 = two rows per tile with per-half masking). ``pair``: 128-wide key tiles from two
+    listed blocks. Warps/stages per kernel."""
+
+    tile_m_for_64: int = 128
+    pair: bool = False
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def _interpreting() -> bool:
+    try:
+        from triton import knobs
+    except ImportError:
+        return False
+    return bool(knobs.runtime.interpret)
 
 
 def check_supported(q: torch.Tensor) -> str | None:
-    return "the Triton kernel (not built yet)"
+    """Why this backend cannot run ``q`` (None when it can)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install 'nabla-attn[triton]')"
+    if not q.is_cuda and not _interpreting():
+        return f"tensors on {q.device} (the Triton kernel needs CUDA)"
+    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return f"compute capability {torch.cuda.get_device_capability(q.device)} (needs >= 8.0)"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} (the Triton kernel supports float16, bfloat16, float32)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} (the Triton kernel supports {HEAD_DIMS})"
+    return None
 
 
-def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float) -> torch.Tensor:
-    raise NotImplementedError("backend='triton' is not built yet; use 'flex' or 'reference'")
+def _bh_strides(t: torch.Tensor) -> tuple[int, int]:
+    """Batch/head strides with broadcast (size-1) dimensions read through stride 0."""
+    return (t.stride(0) if t.shape[0] != 1 else 0, t.stride(1) if t.shape[1] != 1 else 0)
+
+
+def _plan(mask: BlockSparseMask, cfg: KernelConfig) -> tuple[int, bool]:
+    """(query tile rows, whether 64-row halves are masked separately)."""
+    if mask.query_block == 128:
+        return 128, False
+    return (128, True) if cfg.tile_m_for_64 == 128 else (64, False)
+
+
+def _kv_lists(mask: BlockSparseMask, tile_m: int, submask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.mask_build import compact_table
+
+    if submask:
+        key = "kv_union128"
+        if key not in mask._cache:
+            mask._cache[key] = compact_table(mask.kept, row_group=2)
+        return mask._cache[key]
+    if "kv" not in mask._cache:
+        mask._cache["kv"] = compact_table(mask.kept)
+    return mask._cache["kv"]
+
+
+def _q_lists(mask: BlockSparseMask, tile_m: int, submask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.mask_build import compact_table
+
+    key = f"q_tiles{tile_m}"
+    if key not in mask._cache:
+        if submask:
+            n_tiles = -(-mask.kept.shape[2] // 2)
+            mask._cache[key] = compact_table(mask.kept, col_group=2, transpose=True, n_cols=n_tiles)
+        else:
+            mask._cache[key] = compact_table(mask.kept, transpose=True)
+    return mask._cache[key]
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask: BlockSparseMask, scale: float, cfg: KernelConfig):  # type: ignore[override]
+        from ..kernels.attention import _attn_fwd
+
+        B, H, S, D = q.shape
+        tile_m, submask = _plan(mask, cfg)
+        cnt, idx = _kv_lists(mask, tile_m, submask)
+        sub = mask.kept.view(torch.uint8)
+        bcnt = block_counts_on(mask.layout, q.device)
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+        n_tiles = -(-S // tile_m)
+        if cnt.shape[2] != n_tiles:
+            raise RuntimeError(f"kv lists have {cnt.shape[2]} rows, the kernel needs {n_tiles} tiles of {tile_m}")
+        _attn_fwd[(n_tiles, B * H)](
+            q, k, v, o, lse, cnt, idx, bcnt, sub,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
+            H, S, mask.kept.shape[2], scale * _LOG2E,
+            BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+            num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
+        )
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mask, ctx.scale, ctx.cfg = mask, scale, cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        from ..kernels.attention import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
+
+        q, k, v, o, lse = ctx.saved_tensors
+        mask, scale, cfg = ctx.mask, ctx.scale, ctx.cfg
+        B, H, S, D = q.shape
+        do = do.contiguous()
+        tile_m, submask = _plan(mask, cfg)
+        cnt, idx = _kv_lists(mask, tile_m, submask)
+        qcnt, qidx = _q_lists(mask, tile_m, submask)
+        sub = mask.kept.view(torch.uint8)
+        bcnt = block_counts_on(mask.layout, q.device)
+        delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+        _attn_bwd_delta[(-(-S // 128), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, S, BLOCK_M=128, HEAD_DIM=D, num_warps=8,
+        )
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = (
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        )
+        warps_m = 8 if tile_m == 128 else 4
+        _attn_bwd_dq[(-(-S // tile_m), B * H)](
+            q, k, v, do, dq, lse, delta, cnt, idx, bcnt, sub, *common,
+            *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
+            H, S, mask.kept.shape[2], scale * _LOG2E, scale,
+            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+            num_warps=min(cfg.dq_warps, warps_m), num_stages=cfg.dq_stages,
+        )
+        _attn_bwd_dkdv[(S // BLOCK_TOKENS, B * H)](
+            q, k, v, do, dk, dv, lse, delta, qcnt, qidx, bcnt, sub, *common,
+            *_bh_strides(qcnt), *_bh_strides(qidx), qidx.stride(2), *_bh_strides(sub), sub.stride(2),
+            H, S, mask.kept.shape[2], scale * _LOG2E, scale,
+            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+            num_warps=min(cfg.dkdv_warps, warps_m), num_stages=cfg.dkdv_stages,
+        )
+        return dq, dk, dv, None, None, None
+
+
+def triton_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: BlockSparseMask,
+    scale: float,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention on tiled ``[B, H, tiled_len, D]`` tensors through our Triton kernels.
+
+    Differentiable in q, k, v. ``mask`` may have size-1 batch/head dimensions (broadcast).
+    """
+    reason = check_supported(q)
+    if reason is not None:
+        raise ValueError(f"triton backend cannot run {reason}; use backend='flex' or 'reference'")
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"triton backend needs v's head_dim equal to q's, got {v.shape[-1]} and {q.shape[-1]}")
+    B, H, S, _ = q.shape
+    if S != mask.layout.tiled_len:
+        raise ValueError(f"q has {S} tokens, the mask's layout is tiled to {mask.layout.tiled_len}")
+    b, h = mask.kept.shape[:2]
+    if b not in (1, B) or h not in (1, H):
+        raise ValueError(f"mask of batch x heads {b}x{h} cannot serve q of {B}x{H}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    cfg = config or _env_config()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _BlockSparseAttention.apply(q, k, v, mask, float(scale), cfg)
+
+
+def _env_config() -> KernelConfig:
+    """DEFAULT_CONFIG, optionally overridden by ``NABLA_TRITON_CONFIG="pair=1,fwd_warps=4"`` (benchmarks)."""
+    spec = os.environ.get("NABLA_TRITON_CONFIG")
+    if not spec:
+        return DEFAULT_CONFIG
+    kw: dict[str, int | bool] = {}
+    for item in spec.split(","):
+        key, _, val = item.partition("=")
+        if key not in KernelConfig.__dataclass_fields__:
+            raise ValueError(f"NABLA_TRITON_CONFIG: unknown field {key!r}")
+        kw[key] = bool(int(val)) if key == "pair" else int(val)
+    return replace(DEFAULT_CONFIG, **kw)

@@ -1,0 +1,228 @@
+"""Block-sparse flash attention over NABLA block tables, forward and backward, in Triton.
+
+Tensors are in the tiled layout ``[B, H, S, D]`` (``S = num_blocks * 64``; see ``grid.py``): every
+64-token key block is one contiguous slab of 64 rows, its first ``count`` rows real, the rest zero
+padding that the kernels mask to ``-inf``. One program owns one query tile and walks a compact list
+of its kept key blocks (``counts [B,H,Qt]``, ``indices [B,H,Qt,Kb]``; lists of size-1 batch/head
+dimensions broadcast through zero strides), so the work is proportional to the kept blocks.
+
+Query tiles are ``BLOCK_M`` = 64 or 128 rows. A 64-row table (``query_block=64``) can also run on
+128-row tiles (``SUBMASK``): the program walks the union of its two rows' lists and masks each
+64-row half with its own table bit, which keeps the exact 64x64 semantics while using the larger
+(faster) tile. ``PAIR`` processes two listed key blocks per step (a 128-wide key tile gathered from
+two 64-row slabs), halving the loop overhead and softmax rescales.
+
+Softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once and ``exp2`` is used;
+the saved log-sum-exp is in the same base-2 units. A query row with no kept key gets output 0 and
+log-sum-exp ``+inf``, so its backward terms are exactly 0.
+
+Backward: ``delta = rowsum(dO * O)`` (own kernel, no float32 copies), dQ over the kv lists, and
+dK/dV over the transposed (q-side) lists, one program per 64-key block, so no atomics are needed.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr):
+    # float32 inputs: full-precision dot (the default on NVIDIA is tf32, ~1e-3 relative error).
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _key_tile(IDX_row, BCNT, j, cnt, PAIR: tl.constexpr):
+    """Token rows, per-column validity and block ids of the key tile at list position ``j``."""
+    if PAIR:
+        offs = tl.arange(0, 128)
+        second = offs >= 64
+        kb0 = tl.load(IDX_row + j)
+        has2 = (j + 1) < cnt
+        kb1 = tl.load(IDX_row + j + 1, mask=has2, other=0)
+        kb1 = tl.where(has2, kb1, kb0)
+        n0 = tl.load(BCNT + kb0)
+        n1 = tl.load(BCNT + kb1)
+        kb = tl.where(second, kb1, kb0)
+        within = offs & 63
+        ok = (within < tl.where(second, n1, n0)) & ((offs < 64) | has2)
+        return kb * 64 + within, ok, kb
+    else:
+        offs = tl.arange(0, 64)
+        kb = tl.load(IDX_row + j)
+        ok = offs < tl.load(BCNT + kb)
+        return kb * 64 + offs, ok, kb + offs * 0
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
+    H, S, NQ64, qk_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAIR: tl.constexpr,
+    SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
+    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    if SUBMASK:
+        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+        has_sub1 = 2 * pid_m + 1 < NQ64
+        top = offs_m < pid_m * BLOCK_M + 64
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    STEP: tl.constexpr = 2 if PAIR else 1
+    for j in range(0, cnt, STEP):
+        tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, PAIR)
+        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
+        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        valid = ok_n[None, :]
+        if SUBMASK:
+            bit0 = tl.load(sub0 + kb)
+            bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
+            valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no valid key yet keep m = -inf; subtract 0 instead (no inf - inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, so_b, so_h, so_s, sd_b, sd_h, sd_s, H, S,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < S
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(DELTA + bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
+    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
+    H, S, NQ64, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < S
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
+    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
+    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    k_base = K + b * sk_b + h * sk_h
+    v_base = V + b * sv_b + h * sv_h
+    if SUBMASK:
+        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+        has_sub1 = 2 * pid_m + 1 < NQ64
+        top = offs_m < pid_m * BLOCK_M + 64
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, cnt):
+        tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, False)
+        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
+        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        valid = ok_n[None, :]
+        if SUBMASK:
+            bit0 = tl.load(sub0 + kb)
+            bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
+            valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, IEEE)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, DK, DV, LSE, DELTA, QCNT, QIDX, BCNT, SUB,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
+    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
+    H, S, NQ64, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+):
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = tl.arange(0, 64)
+    tok = kb * 64 + offs_n
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok_n = offs_n < tl.load(BCNT + kb)
+    k = tl.load(K + b * sk_b + h * sk_h + tok[:, None] * sk_s + offs_d[None, :])
+    v = tl.load(V + b * sv_b + h * sv_h + tok[:, None] * sv_s + offs_d[None, :])
+    cnt = tl.load(QCNT + b * c_b + h * c_h + kb)
+    idx_row = QIDX + b * i_b + h * i_h + kb * i_r
+    q_base = Q + b * sq_b + h * sq_h
+    do_base = DO + b * sd_b + h * sd_h
+    sub_base = SUB + b * u_b + h * u_h + kb
+    dk = tl.zeros([64, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([64, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, cnt):
+        qt = tl.load(idx_row + j)
+        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok_m = offs_m < S
+        q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
+        lse = tl.load(LSE + bh * S + offs_m, mask=ok_m, other=float("inf"))
+        delta = tl.load(DELTA + bh * S + offs_m, mask=ok_m, other=0.0)
+        s_t = _mm(k, tl.trans(q), IEEE) * qk_scale
+        valid = ok_n[:, None] & ok_m[None, :]
+        if SUBMASK:
+            bit0 = tl.load(sub_base + (2 * qt) * u_r)
+            bit1 = tl.load(sub_base + (2 * qt + 1) * u_r, mask=2 * qt + 1 < NQ64, other=0)
+            top = offs_m < qt * BLOCK_M + 64
+            valid = valid & (tl.where(top, bit0, bit1) != 0)[None, :]
+        p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        dv += _mm(p_t.to(do.dtype), do, IEEE)
+        dp_t = _mm(v, tl.trans(do), IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, IEEE)
+    dk = dk * sm_scale
+    tl.store(DK + b * sk_b + h * sk_h + tok[:, None] * sk_s + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + b * sv_b + h * sv_h + tok[:, None] * sv_s + offs_d[None, :], dv.to(DV.dtype.element_ty))
