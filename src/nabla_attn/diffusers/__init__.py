@@ -1,0 +1,206 @@
+"""NABLA for diffusers video transformers, in one call::
+
+    from nabla_attn.diffusers import apply_nabla, remove_nabla, NablaConfig
+    apply_nabla(pipe, NablaConfig(threshold=0.7, sta_window=(11, 3, 3), dense_steps=0))
+    video = pipe(...).frames[0]
+    remove_nabla(pipe)
+
+Only video self-attention becomes sparse (cross-attention stays dense). Supported transformer classes:
+``WanTransformer3DModel`` (Wan 2.1 / 2.2, both experts of A14B pipelines),
+``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel`` and ``LTXVideoTransformer3DModel``.
+diffusers is an optional dependency (``pip install 'nabla-attn[diffusers]'``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from ..grid import VideoGrid
+from ._config import NablaConfig
+
+__all__ = ["NablaConfig", "NablaHandle", "NablaStats", "SUPPORTED_MODELS", "apply_nabla", "nabla_stats", "remove_nabla"]
+
+SUPPORTED_MODELS = (
+    "WanTransformer3DModel",
+    "HunyuanVideoTransformer3DModel",
+    "CogVideoXTransformer3DModel",
+    "LTXVideoTransformer3DModel",
+)
+_FAMILY_MODULES = ("wan", "hunyuan_video", "cogvideox", "ltx")
+_PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
+
+
+def _families() -> list[Any]:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "nabla_attn.diffusers needs diffusers: pip install 'nabla-attn[diffusers]'"
+        ) from exc
+    return [importlib.import_module(f"{__name__}.{m}").FAMILY for m in _FAMILY_MODULES]
+
+
+def _family_of(model: Any, families: list[Any]) -> Any | None:
+    for family in families:
+        if isinstance(model, family.model_class):
+            return family
+    return None
+
+
+def _transformers(target: Any) -> list[Any]:
+    """The transformers of a pipeline (``transformer`` and, on Wan 2.2 A14B, ``transformer_2``) or the model itself."""
+    families = _families()
+    if _family_of(target, families) is not None:
+        return [target]
+    found = [getattr(target, a) for a in _PIPELINE_TRANSFORMERS if getattr(target, a, None) is not None]
+    if not found:
+        raise TypeError(
+            f"apply_nabla takes a diffusers pipeline or transformer; got {type(target).__name__}. "
+            f"Supported transformers: {', '.join(SUPPORTED_MODELS)}"
+        )
+    for model in found:
+        if _family_of(model, families) is None:
+            raise TypeError(
+                f"{type(target).__name__}'s transformer is a {type(model).__name__}, which NABLA does not support. "
+                f"Supported transformers: {', '.join(SUPPORTED_MODELS)}"
+            )
+    return found
+
+
+@dataclass(frozen=True)
+class NablaStats:
+    """Kept block density per self-attention layer (fraction of computed block pairs, text blocks
+    included; 1.0 = dense). ``last`` is the most recent sparse forward, ``mean`` the average over
+    all sparse forwards since ``apply_nabla`` (or ``reset_stats``). Dense layers and dense steps
+    are not listed."""
+
+    last: dict[str, float]
+    mean: dict[str, float]
+    step: int
+    forwards: int
+
+    @property
+    def overall(self) -> float | None:
+        """Mean of ``mean`` over layers (None before any sparse forward)."""
+        return sum(self.mean.values()) / len(self.mean) if self.mean else None
+
+
+class NablaHandle:
+    """What :func:`apply_nabla` returns: the patched transformers and their shared state."""
+
+    def __init__(self, models: list[Any], session: Any) -> None:
+        self.models = models
+        self._session = session
+
+    @property
+    def config(self) -> NablaConfig:
+        return self._session.config
+
+    @property
+    def step(self) -> int:
+        """Index of the current denoising step (-1 before the first forward)."""
+        return self._session.step
+
+    def reset_steps(self) -> None:
+        """Start counting denoising steps again (done automatically when the timestep goes up)."""
+        self._session.reset()
+
+    def set_grid(self, grid: VideoGrid, sparse: bool = True) -> None:
+        """Tell the processors the latent grid when calling transformer blocks directly (benchmarks):
+        the transformer's forward normally records it."""
+        from ._core import state_of
+
+        if not isinstance(grid, VideoGrid):
+            raise TypeError(f"grid must be a nabla_attn.VideoGrid, got {type(grid).__name__}")
+        for model in self.models:
+            state = state_of(model)
+            if state is not None:
+                state.grid = grid
+                state.sparse_now = sparse
+
+    def stats(self) -> NablaStats:
+        return nabla_stats(self.models)
+
+    def reset_stats(self) -> None:
+        from ._core import state_of
+
+        for model in self.models:
+            state = state_of(model)
+            if state is not None:
+                state.last.clear()
+                state.sums.clear()
+                state.counts.clear()
+
+    def remove(self) -> None:
+        remove_nabla(self.models)
+
+
+def apply_nabla(target: Any, config: NablaConfig | None = None) -> NablaHandle:
+    """Replace the video self-attention of a diffusers pipeline's transformer(s), or of a transformer,
+    with NABLA block-sparse attention. Returns a :class:`NablaHandle`.
+
+    Raises TypeError for an unsupported model (the message names the supported classes) and
+    RuntimeError if NABLA is already applied.
+    """
+    from ._core import _Session, patch_model, unpatch_model
+
+    config = NablaConfig() if config is None else config
+    if not isinstance(config, NablaConfig):
+        raise TypeError(f"config must be a NablaConfig, got {type(config).__name__}")
+    models = _transformers(target)
+    families = _families()
+    session = _Session(config)
+    done: list[Any] = []
+    try:
+        for model in models:
+            patch_model(model, _family_of(model, families), session)
+            done.append(model)
+    except Exception:
+        for model in done:  # all or nothing
+            unpatch_model(model)
+        raise
+    return NablaHandle(models, session)
+
+
+def remove_nabla(target: Any) -> None:
+    """Restore the original attention processors and remove NABLA's hooks (the state dict was never
+    changed). Accepts a pipeline, a transformer, a list of transformers or a NablaHandle."""
+    from ._core import unpatch_model
+
+    if isinstance(target, NablaHandle):
+        models = target.models
+    elif isinstance(target, (list, tuple)):
+        models = list(target)
+    else:
+        models = _transformers(target)
+    if not any([unpatch_model(m) for m in models]):
+        raise ValueError(f"NABLA is not applied to this {type(target).__name__}")
+
+
+def nabla_stats(target: Any) -> NablaStats:
+    """Kept density per self-attention layer (see :class:`NablaStats`). With two experts (Wan 2.2)
+    layer names are prefixed ``transformer.`` / ``transformer_2.``."""
+    from ._core import state_of
+
+    if isinstance(target, NablaHandle):
+        models = target.models
+    elif isinstance(target, (list, tuple)):
+        models = list(target)
+    else:
+        models = _transformers(target)
+    last: dict[str, float] = {}
+    mean: dict[str, float] = {}
+    step, forwards = -1, 0
+    states = [(m, state_of(m)) for m in models]
+    if all(s is None for _, s in states):
+        raise ValueError("NABLA is not applied to this model; call apply_nabla first")
+    for i, (_, state) in enumerate(states):
+        if state is None:
+            continue
+        prefix = "" if len(models) == 1 else f"{_PIPELINE_TRANSFORMERS[i] if i < 2 else f'model{i}'}."
+        last.update({prefix + k: float(v) for k, v in state.last.items()})
+        mean.update({prefix + k: float(state.sums[k]) / state.counts[k] for k in state.sums})
+        step, forwards = state.session.step, state.session.forwards
+    return NablaStats(last=last, mean=mean, step=step, forwards=forwards)

@@ -1,0 +1,256 @@
+"""Model-independent machinery of ``apply_nabla``: per-model state, the transformer pre-hook that
+records the latent grid and counts denoising steps, the sparse-attention call every processor
+shares, stats, and exact removal.
+
+Why a pre-hook and shared state: attention processors only see flattened token sequences, so the
+video grid (frames x height x width after patchify) must come from the transformer's own inputs. The
+hook runs eagerly (``torch._dynamo.disable``) so that reading the timestep never enters a compiled
+graph; processors only read the grid (ints) and one bool, which stay equal across steps and so never
+trigger a recompile.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..attention import nabla_attention
+from ..grid import VideoGrid
+from ._config import NablaConfig
+
+log = logging.getLogger("nabla_attn.diffusers")
+
+
+class _Session:
+    """State shared by all transformers of one ``apply_nabla`` call (both Wan 2.2 experts count
+    the same denoising steps)."""
+
+    def __init__(self, config: NablaConfig) -> None:
+        self.config = config
+        self.step = -1
+        self.last_timestep: float | None = None
+        self.forwards = 0
+
+    def observe(self, timestep: float | None) -> None:
+        """Advance the step counter for one transformer forward.
+
+        A new step starts when the timestep value changes; forwards at the same timestep (the
+        conditional and unconditional passes of unbatched classifier-free guidance, or the two
+        halves of a batched one) belong to one step. A timestep *larger* than the previous one means
+        a new generation (schedulers count down), so the counter restarts at step 0.
+        """
+        self.forwards += 1
+        if timestep is None:
+            self.step += 1
+        elif self.last_timestep is None or timestep > self.last_timestep:
+            self.step = 0
+        elif timestep != self.last_timestep:
+            self.step += 1
+        self.last_timestep = timestep
+
+    def reset(self) -> None:
+        self.step = -1
+        self.last_timestep = None
+
+
+@dataclass
+class _ModelState:
+    session: _Session
+    family: "Family"
+    grid: VideoGrid | None = None
+    batch: int = 0
+    sparse_now: bool = True
+    originals: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+    last: dict[str, torch.Tensor] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def record(self, name: str, density: torch.Tensor) -> None:
+        # Kept on the device as a tensor: no host sync inside the forward.
+        density = density.detach()
+        self.last[name] = density
+        if name in self.sums:
+            self.sums[name] = self.sums[name] + density
+            self.counts[name] += 1
+        else:
+            self.sums[name] = density
+            self.counts[name] = 1
+
+
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one diffusers model class is patched."""
+
+    name: str
+    model_class: type
+    # self-attention modules in execution order: (qualified name, module)
+    attention_layers: Callable[[torch.nn.Module], list[tuple[str, torch.nn.Module]]]
+    # (grid, batch, timestep value or None) from the bound forward arguments
+    read_inputs: Callable[[torch.nn.Module, inspect.BoundArguments], tuple[VideoGrid, int, float | None]]
+    processor_class: type
+    original_processor_names: tuple[str, ...]
+
+
+class NablaProcessorBase:
+    """Wraps a model's original attention processor. Dense steps call the original unchanged; sparse
+    steps run the family's own projections/norms/RoPE and NABLA instead of dense attention."""
+
+    def __init__(self, original: Any, state: _ModelState, name: str) -> None:
+        self.original = original
+        self.state = state
+        self.name = name
+        self.pending: list[torch.Tensor] = []
+
+    # Subclasses define ``__call__`` with the original processor's explicit parameter names:
+    # diffusers' ``Attention.forward`` drops keyword arguments a processor's signature does not name.
+
+    def sparse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, text_position: str, record: bool = True
+    ) -> torch.Tensor:
+        """NABLA attention on ``[B, H, S, D]`` q, k, v in the model's natural token order. With
+        ``record=False`` the kept density is left in ``self.pending`` for the caller to combine."""
+        state = self.state
+        grid = state.grid
+        if grid is None:
+            raise RuntimeError(
+                f"{self.name}: NABLA does not know the video grid. Call the transformer itself (its forward "
+                "records the grid), or set it with NablaHandle.set_grid(VideoGrid(...)) before calling blocks directly."
+            )
+        expected = grid.num_tokens + text_tokens
+        if q.shape[2] != expected:
+            raise ValueError(
+                f"{self.name}: self-attention sees {q.shape[2]} tokens, but the transformer's inputs give a "
+                f"{grid.frames}x{grid.height}x{grid.width} grid ({grid.num_tokens} video tokens) + {text_tokens} text tokens"
+            )
+        return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record)
+
+
+# Under torch.compile the NABLA op runs outside the graph: its layout caches, backend choice and
+# mask construction are Python-side state whose first and later calls differ, which would make
+# dynamo recompile on the next steps. One graph break per layer is cheap next to attention over
+# thousands of tokens, and the flex backend compiles its own kernel. Projections, norms, RoPE and
+# the MLP stay in the compiled graph.
+@torch._dynamo.disable
+def _sparse_eager(
+    proc: NablaProcessorBase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    grid: VideoGrid, text_tokens: int, text_position: str, record: bool,
+) -> torch.Tensor:  # fmt: skip
+    state = proc.state
+    cfg = state.session.config
+    out, mask = nabla_attention(
+        q, k, v, grid, cfg.threshold, cfg.sta_window, text_tokens, text_position,
+        backend=cfg.backend, query_block=cfg.query_block, return_mask=True,
+    )  # fmt: skip
+    if cfg.collect_stats:
+        density = mask.kept.float().mean()
+        if record:
+            state.record(proc.name, density)
+        else:
+            proc.pending.append(density)
+    return out
+
+
+def _layer_selected(index: int, name: str, selectors: Iterable[int | str]) -> bool:
+    for sel in selectors:
+        if isinstance(sel, int) and sel == index:
+            return True
+        if isinstance(sel, str) and (name == sel or name.startswith(sel + ".")):
+            return True
+    return False
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+
+
+def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    cls = type(model)
+    sig = _SIGNATURES.get(cls)
+    if sig is None:
+        sig = _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return sig.bind(model, *args, **kwargs)
+
+
+def timestep_value(t: Any) -> float | None:
+    """One number per forward for step counting: the largest timestep in the batch (Wan 2.2 TI2V
+    passes per-token timesteps where the conditioning frame is 0)."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().max()) if t.numel() else None
+    return float(t)
+
+
+def _make_pre_hook(state: _ModelState) -> Callable:
+    @torch._dynamo.disable
+    def pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = _bind(model, args, kwargs)
+        grid, batch, timestep = state.family.read_inputs(model, bound)
+        session = state.session
+        session.observe(timestep)
+        state.grid = grid
+        state.batch = batch
+        sparse = session.step >= session.config.dense_steps
+        # Reassign only on change: torch.compile guards on this bool (one recompile at the switch).
+        if state.sparse_now != sparse:
+            state.sparse_now = sparse
+
+    return pre_hook
+
+
+def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _ModelState:
+    if model in _STATES:
+        raise RuntimeError(f"NABLA is already applied to this {type(model).__name__}; call remove_nabla first")
+    cfg = session.config
+    layers = family.attention_layers(model)
+    n = len(layers)
+    bad = [s for s in cfg.exclude_layers if isinstance(s, int) and s >= n]
+    if bad:
+        raise ValueError(f"exclude_layers {bad} out of range: {type(model).__name__} has {n} self-attention layers (0..{n - 1})")
+    names = [name for name, _ in layers]
+    unknown = [s for s in cfg.exclude_layers if isinstance(s, str) and not any(nm == s or nm.startswith(s + ".") for nm in names)]
+    if unknown:
+        raise ValueError(f"exclude_layers {unknown} match no self-attention layer; names look like {names[0]!r}")
+    for name, module in layers:
+        current = module.processor
+        if isinstance(current, NablaProcessorBase):
+            raise RuntimeError(f"{name} already has a NABLA processor; call remove_nabla first")
+        if type(current).__name__ not in family.original_processor_names:
+            raise TypeError(
+                f"{name} uses attention processor {type(current).__name__}; NABLA replaces only "
+                f"{', '.join(family.original_processor_names)} (reset it with model.set_default_attn_processor() or remove the custom processor)"
+            )
+
+    state = _ModelState(session=session, family=family, sparse_now=cfg.dense_steps == 0)
+    for index, (name, module) in enumerate(layers):
+        if _layer_selected(index, name, cfg.exclude_layers):
+            continue
+        original = module.processor
+        state.originals[name] = (module, original)
+        module.set_processor(family.processor_class(original, state, name))
+    state.handles.append(model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
+    _STATES[model] = state
+    return state
+
+
+def unpatch_model(model: torch.nn.Module) -> bool:
+    state = _STATES.pop(model, None)
+    if state is None:
+        return False
+    for handle in state.handles:
+        handle.remove()
+    for module, original in state.originals.values():
+        module.set_processor(original)
+    return True
+
+
+def state_of(model: torch.nn.Module) -> _ModelState | None:
+    return _STATES.get(model)

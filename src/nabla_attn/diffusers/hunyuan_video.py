@@ -1,0 +1,127 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``): every block's ``attn`` is joint self-attention
+over video tokens followed by text tokens (dual-stream blocks project text separately, single-stream
+blocks concatenate it); RoPE covers the video tokens only. Padded prompt tokens are masked as keys."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformer3DModel
+
+from ..grid import VideoGrid
+from ._core import Family, NablaProcessorBase, timestep_value
+
+log = logging.getLogger("nabla_attn.diffusers")
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+class HunyuanVideoNablaProcessor(NablaProcessorBase):
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.state.sparse_now or (attention_mask is not None and attention_mask.dtype != torch.bool):
+            # The model builds a bool key mask; an additive float mask is outside what we can express.
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        text = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        single_stream = attn.add_q_proj is None
+        if single_stream and text:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        key = _heads(attn.to_k(hidden_states), attn.heads)
+        value = _heads(attn.to_v(hidden_states), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            n_video = query.shape[2] - (text if single_stream else 0)
+            query = torch.cat([apply_rotary_emb(query[:, :, :n_video], image_rotary_emb), query[:, :, n_video:]], dim=2)
+            key = torch.cat([apply_rotary_emb(key[:, :, :n_video], image_rotary_emb), key[:, :, n_video:]], dim=2)
+        if not single_stream and text:
+            eq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
+            ek = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
+            ev = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=2)
+            key = torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
+
+        out = self._masked(query, key, value, text, attention_mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out, None
+        out, encoder_out = out[:, :-text], out[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_out = attn.to_add_out(encoder_out)
+        return out, encoder_out
+
+    def _masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """NABLA with HunyuanVideo's key mask: each prompt's padding tokens (at the end) are not keys."""
+        if mask is None:
+            return self.sparse(q, k, v, text, "end")
+        B, _, N, _ = q.shape
+        key_ok = mask.reshape(mask.shape[0], -1).expand(B, N)
+        lengths = key_ok.sum(-1).tolist()
+        if all(n == N for n in lengths):
+            return self.sparse(q, k, v, text, "end")
+        prefix = torch.arange(N, device=key_ok.device)[None] < torch.tensor(lengths, device=key_ok.device)[:, None]
+        if not torch.equal(prefix, key_ok):
+            raise ValueError("HunyuanVideo attention mask is not a prefix mask (padding must follow the prompt tokens)")
+        outs = []
+        for b, n in enumerate(lengths):
+            n_text = text - (N - n)
+            if n_text < 0:
+                raise ValueError(f"HunyuanVideo attention mask hides video tokens: {n} valid of {N} with {text} text tokens")
+            o = self.sparse(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], n_text, "end", record=False)
+            if n < N:
+                # Padding queries never reach a valid token (they are masked as keys everywhere), but
+                # compute them as the model does so encoder states stay identical at threshold 1.
+                rest = F.scaled_dot_product_attention(q[b : b + 1, :, n:], k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+                o = torch.cat([o, rest], dim=2)
+            outs.append(o)
+        if self.pending:  # one record per forward: the batch's mean density
+            self.state.record(self.name, torch.stack(self.pending).mean())
+            self.pending.clear()
+        return torch.cat(outs, dim=0)
+
+
+def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    dual = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]
+    single = [(f"single_transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.single_transformer_blocks)]
+    return dual + single
+
+
+def _read_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple[VideoGrid, int, float | None]:
+    x = bound.arguments["hidden_states"]  # [B, C, F, H, W]
+    if x.dim() != 5:
+        raise ValueError(f"HunyuanVideoTransformer3DModel: expected 5-D latents [B, C, F, H, W], got {tuple(x.shape)}")
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    grid = VideoGrid(x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)
+    return grid, x.shape[0], timestep_value(bound.arguments.get("timestep"))
+
+
+FAMILY = Family(
+    name="hunyuan_video",
+    model_class=HunyuanVideoTransformer3DModel,
+    attention_layers=_layers,
+    read_inputs=_read_inputs,
+    processor_class=HunyuanVideoNablaProcessor,
+    original_processor_names=("HunyuanVideoAttnProcessor2_0",),
+)
