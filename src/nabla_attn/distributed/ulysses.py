@@ -1,0 +1,407 @@
+"""NABLA attention under Ulysses sequence parallelism.
+
+Each rank of a ``torch.distributed`` group holds a contiguous shard of the natural-order sequence
+(see :mod:`nabla_attn.distributed.partition`). One call:
+
+1. *Block means.* Each rank sums q and k over the video tokens of its shard into per-block float32
+   sums ``[B, H, video_blocks, D]`` (a block cut by a shard boundary gets a partial sum on each
+   side) and one all-reduce adds them up, so every rank holds every head's block means of the full
+   sequence. This moves ``2 * B * H * blocks * D`` floats, about 43 MB for Wan 14B at 720p.
+2. *Masks and head assignment.* Without balancing each rank builds the NABLA tables of its own
+   contiguous run of heads. With balancing each rank builds the tables of one run, the tables are
+   all-gathered (bool, ``H * Qb * Kb`` bytes), every rank counts each head's kept blocks and runs the
+   same greedy longest-processing-time assignment (fixed head count per rank), so all ranks agree.
+3. *All-to-all in.* q, k, v travel in one all-to-all (one when v's head_dim differs from q's: two):
+   each rank receives the full sequence for its heads, lands it directly in the tiled layout.
+4. *Attention.* The core :func:`~nabla_attn.nabla_attention` with the precomputed mask,
+   ``layout="tiled"``.
+5. *All-to-all out.* The outputs go back to sequence shards in the original head order.
+
+The all-to-alls are autograd functions, so gradients flow to the local q, k, v shards.
+
+Mask equality with one process: the tables are computed from the same float32 block means as
+:func:`~nabla_attn.nabla_mask`, except that the sums are accumulated in a different order (token
+order per rank, then across ranks, instead of per 64-slot block). The means therefore agree to
+float32 rounding (relative ~1e-7), and a table can differ from the single-process one only where a
+block's cumulative probability lies within that rounding of ``1 - threshold``. The tests check exact
+table equality on their inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..attention import Backend, make_layout, nabla_attention
+from ..grid import TokenLayout, VideoGrid, block_counts_on
+from ..masks import (
+    BlockSparseMask,
+    _group_rows,
+    _sta_video,
+    _with_text,
+    cdf_keep,
+    check_sta_window,
+    check_threshold,
+    sta_mask,
+)
+from .comm import ProcessGroup, all_to_all_rows, group_size_rank
+from .partition import balance_heads, check_shard_sizes, contiguous_heads, even_head_counts, shard_sizes as default_sizes
+from .timing import PhaseTimer
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Heads converted to float32 at once while pooling (bounds the temporary copy).
+_POOL_HEADS = 8
+
+
+@dataclass(frozen=True)
+class UlyssesInfo:
+    """What one call decided (returned with ``return_info=True``).
+
+    Attributes:
+        assignment: heads per rank (``assignment[p]`` ascending); identical on every rank.
+        head_costs: kept (query block, key block) pairs per head summed over the batch, when they were
+            computed (balancing with a computed or given per-head mask), else None.
+        local_heads: this rank's heads (``assignment[rank]``).
+        mask: the block table used for ``local_heads`` (heads dimension 1 when shared by every head).
+        shard_sizes: tokens per rank of the natural sequence.
+    """
+
+    assignment: list[list[int]]
+    head_costs: list[int] | None
+    local_heads: list[int]
+    mask: BlockSparseMask
+    shard_sizes: list[int]
+
+    def rank_costs(self) -> list[int] | None:
+        """Kept block pairs per rank under ``assignment`` (None when costs were not computed)."""
+        if self.head_costs is None:
+            return None
+        return [sum(self.head_costs[h] for h in heads) for heads in self.assignment]
+
+
+def _check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, heads, local_seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+    if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(
+            f"q, k, v shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+            "(q and k must be equal; v may differ only in head_dim)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Index maps between the per-rank padded chunks and the tiled layout (cached per layout and split)
+
+
+@functools.lru_cache(maxsize=32)
+def _index_maps(layout: TokenLayout, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tiled_from_chunks, chunks_from_tiled)`` int64 index vectors.
+
+    The all-to-all delivers the sequence as ``P`` chunks of ``c = max(sizes)`` slots (chunk p holds
+    natural tokens ``offset_p ...`` then padding). ``tiled_from_chunks[t]`` is the chunk slot of tiled
+    position t, or ``P * c`` (an appended zero row) for tiled padding. ``chunks_from_tiled[j]`` is the
+    tiled position of chunk slot j, or ``tiled_len`` (an appended zero row) for chunk padding.
+    """
+    P, c, S = len(sizes), max(sizes), layout.seq_len
+    slot_of_natural = torch.empty(S, dtype=torch.int64)
+    natural_of_slot = torch.full((P * c,), S, dtype=torch.int64)
+    offset = 0
+    for p, n in enumerate(sizes):
+        slot_of_natural[offset : offset + n] = torch.arange(p * c, p * c + n)
+        natural_of_slot[p * c : p * c + n] = torch.arange(offset, offset + n)
+        offset += n
+    gather = layout.gather_index()  # tiled -> natural (S = padding)
+    scatter = layout.scatter_index()  # natural -> tiled
+    padded_slots = torch.cat([slot_of_natural, torch.tensor([P * c])])
+    tiled_from_chunks = padded_slots[gather]
+    padded_tiled = torch.cat([scatter, torch.tensor([layout.tiled_len])])
+    chunks_from_tiled = padded_tiled[natural_of_slot]
+    return tiled_from_chunks, chunks_from_tiled
+
+
+_device_maps: dict[tuple[TokenLayout, tuple[int, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _maps_on(layout: TokenLayout, sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (layout, sizes, str(device))
+    hit = _device_maps.get(key)
+    if hit is None:
+        a, b = _index_maps(layout, sizes)
+        hit = (a.to(device), b.to(device))
+        if len(_device_maps) > 64:
+            _device_maps.clear()
+        _device_maps[key] = hit
+    return hit
+
+
+@functools.lru_cache(maxsize=32)
+def _natural_block_ids(layout: TokenLayout) -> torch.Tensor:
+    """Block id of every natural token (int64 ``[seq_len]``; text tokens get ids >= video blocks)."""
+    from ..grid import BLOCK_TOKENS
+
+    return layout.scatter_index() // BLOCK_TOKENS
+
+
+def _video_range(layout: TokenLayout) -> tuple[int, int]:
+    start = layout.text_tokens if layout.text_position == "start" else 0
+    return start, start + layout.grid.num_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+
+
+def _block_means(
+    q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, offset: int, n: int, group: ProcessGroup | None
+) -> torch.Tensor:
+    """Float32 ``[2, B, H, video_blocks, D]`` block means of q and k over the full sequence."""
+    B, H, _, D = q.shape
+    nv = layout.num_video_blocks
+    sums = torch.zeros(2, B, H, nv, D, dtype=torch.float32, device=q.device)
+    # Text tokens sit at one end, so the video tokens of a contiguous shard are one contiguous range.
+    v0, v1 = _video_range(layout)
+    a, b = max(offset, v0), min(offset + n, v1)
+    if b > a:
+        ids = _natural_block_ids(layout)[a:b].to(q.device)
+        for i, x in enumerate((q, k)):
+            part = x[:, :, a - offset : b - offset]
+            for h0 in range(0, H, _POOL_HEADS):
+                h1 = min(H, h0 + _POOL_HEADS)
+                sums[i, :, h0:h1].index_add_(2, ids, part[:, h0:h1].float())
+    dist.all_reduce(sums, group=group)
+    counts = block_counts_on(layout, q.device)[:nv].to(torch.float32)
+    return sums / counts.view(1, 1, 1, -1, 1)
+
+
+def _tables_from_means(
+    qa: torch.Tensor,
+    ka: torch.Tensor,
+    layout: TokenLayout,
+    threshold: float,
+    window: tuple[int, int, int] | None,
+    query_block: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """NABLA's block table from block means, the same steps as :func:`nabla_attn.nabla_mask_tiled`."""
+    scores = qa @ ka.transpose(-1, -2) / math.sqrt(head_dim)
+    video = cdf_keep(torch.softmax(scores, dim=-1), threshold)
+    if window is not None:
+        video = video | _sta_video(layout.grid, window, qa.device)
+    return _group_rows(_with_text(video, layout), query_block)
+
+
+def _all_gather_heads(kept: torch.Tensor, counts: Sequence[int], group: ProcessGroup | None) -> torch.Tensor:
+    """All-gather per-rank head runs of a bool table ``[B, h_p, Qb, Kb]`` into ``[B, H, Qb, Kb]``."""
+    P = len(counts)
+    hmax = max(counts)
+    B, h, Qb, Kb = kept.shape
+    # uint8, heads first, padded to the longest run: all_gather needs equal shapes on every rank.
+    send = kept.transpose(0, 1).to(torch.uint8)
+    if h < hmax:
+        send = torch.cat([send, send.new_zeros(hmax - h, B, Qb, Kb)])
+    recv = [torch.empty_like(send) for _ in range(P)]
+    dist.all_gather(recv, send.contiguous(), group=group)
+    full = torch.cat([recv[p][: counts[p]] for p in range(P)])
+    return full.transpose(0, 1).bool()
+
+
+# ----------------------------------------------------------------------------------------------
+# The op
+
+
+def ulysses_nabla_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: VideoGrid,
+    threshold: float | None = 0.7,
+    sta_window: Sequence[int] | None = None,
+    text_tokens: int = 0,
+    text_position: str = "end",
+    *,
+    group: ProcessGroup | None = None,
+    balance: bool = True,
+    backend: Backend = "auto",
+    query_block: int = 64,
+    scale: float | None = None,
+    mask: BlockSparseMask | None = None,
+    shard_sizes: Sequence[int] | None = None,
+    return_info: bool = False,
+    timer: PhaseTimer | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, UlyssesInfo]:
+    """NABLA attention over a sequence sharded across the ranks of ``group`` (Ulysses).
+
+    Args:
+        q, k, v: this rank's shard ``[batch, heads, local_seq, head_dim]`` of the natural-order
+            sequence (frame-major video tokens, ``text_tokens`` text tokens at ``text_position``),
+            all heads. Rank ``p`` holds tokens ``[sum(sizes[:p]), sum(sizes[:p+1]))`` where ``sizes``
+            is ``shard_sizes`` or, by default, ``torch.tensor_split``'s split of the sequence (the
+            first ``seq_len % world`` ranks one token longer; the split diffusers uses).
+            ``local_seq`` is either ``sizes[rank]`` or, for callers that pad every shard to one
+            length, ``max(sizes)``: the tail past ``sizes[rank]`` is padding, never read, and its
+            output rows are zero.
+        grid, threshold, sta_window, text_tokens, text_position, backend, query_block, scale: as in
+            :func:`nabla_attn.nabla_attention` (the same on every rank).
+        group: the Ulysses process group (default: the default group). Any backend: NCCL on GPUs,
+            gloo on CPU.
+        balance: assign heads to ranks by their kept-block counts (same number of heads per rank,
+            greedy longest-processing-time) instead of contiguous runs.
+        mask: a precomputed :class:`BlockSparseMask` for the *whole* sequence and all heads (or
+            heads dimension 1), the same on every rank; then no masks are computed.
+        shard_sizes: tokens per rank (see above); must be the same on every rank.
+        return_info: also return a :class:`UlyssesInfo` (assignment, costs, the local mask).
+        timer: a :class:`PhaseTimer` that records the phases ``mask``, ``all_to_all`` and ``attention``.
+
+    Returns:
+        The output shard shaped like ``v`` (``[batch, heads, local_seq, v_head_dim]``, v's dtype; may
+        be a non-contiguous view), and the info if ``return_info``.
+
+    Heads need not divide by the world size: ranks get ``heads // world`` or one more (a rank may get
+    none when heads < world). Every rank must call with the same arguments except the tensors.
+    """
+    P, rank = group_size_rank(group)
+    layout = make_layout(grid, text_tokens, text_position)
+    _check_local(q, k, v)
+    S = layout.seq_len
+    sizes = check_shard_sizes(shard_sizes, S, P) if shard_sizes is not None else default_sizes(S, P)
+    n_r, c = sizes[rank], max(sizes)
+    offset = sum(sizes[:rank])
+    L = q.shape[2]
+    if L not in (n_r, c):
+        raise ValueError(
+            f"rank {rank}: local sequence length {L} does not match its shard: the {S}-token sequence "
+            f"({grid.frames}x{grid.height}x{grid.width} video + {text_tokens} text) split over {P} ranks as "
+            f"{sizes} gives this rank {n_r} tokens (or {c} when every shard is padded to the longest)"
+        )
+    if mask is None:
+        check_threshold(threshold)
+        window = check_sta_window(sta_window)
+        if threshold is None and window is None:
+            raise ValueError("ulysses_nabla_attention needs a threshold, an sta_window, or both (or a mask)")
+    else:
+        window = None
+        if mask.layout != layout:
+            raise ValueError(f"mask was built for {mask.layout}, not {layout}")
+    B, H, _, D = q.shape
+    Dv = v.shape[-1]
+    if mask is not None:
+        b, h = mask.kept.shape[:2]
+        if b not in (1, B) or h not in (1, H):
+            raise ValueError(f"mask of batch x heads {b}x{h} cannot serve {B}x{H}")
+        query_block = mask.query_block
+
+    # ---- masks and head assignment -----------------------------------------------------------
+    if timer is not None:
+        timer.start("mask")
+    head_costs: list[int] | None = None
+    counts = even_head_counts(H, P)
+    with torch.no_grad():
+        if mask is not None:
+            kept_all = mask.kept.to(q.device)
+            if balance and kept_all.shape[1] == H:
+                head_costs = [int(x) for x in kept_all.sum(dim=(0, 2, 3), dtype=torch.int64).tolist()]
+                assignment = balance_heads(head_costs, P)
+            else:
+                assignment = contiguous_heads(H, P)
+            local = assignment[rank]
+            kept_local = kept_all[:, local] if kept_all.shape[1] == H else kept_all
+        elif threshold is None:
+            # Pure STA: one table for every head, so every head costs the same; nothing to balance.
+            assignment = contiguous_heads(H, P)
+            kept_local = sta_mask(grid, window, text_tokens, text_position, query_block=query_block, device=q.device).kept  # type: ignore[arg-type]
+        else:
+            means = _block_means(q, k, layout, offset, n_r, group)
+            if balance:
+                run = contiguous_heads(H, P)[rank]
+                kept_run = _tables_from_means(means[0][:, run], means[1][:, run], layout, threshold, window, query_block, D)
+                kept_all = _all_gather_heads(kept_run, counts, group)
+                head_costs = [int(x) for x in kept_all.sum(dim=(0, 2, 3), dtype=torch.int64).tolist()]
+                assignment = balance_heads(head_costs, P)
+                kept_local = kept_all[:, assignment[rank]]
+            else:
+                assignment = contiguous_heads(H, P)
+                local = assignment[rank]
+                kept_local = _tables_from_means(means[0][:, local], means[1][:, local], layout, threshold, window, query_block, D)
+    local_heads = assignment[rank]
+    local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
+
+    # ---- all-to-all: sequence shards -> full sequence for own heads, in tiled order -------------
+    if timer is not None:
+        timer.start("all_to_all")
+    perm = [h for heads in assignment for h in heads]
+    identity = perm == list(range(H))
+    perm_idx = None if identity else torch.tensor(perm, device=q.device)
+    h_r = len(local_heads)
+    send_rows = [len(a) for a in assignment]
+    tiled_from_chunks, chunks_from_tiled = _maps_on(layout, tuple(sizes), q.device)
+
+    def to_chunks(x: torch.Tensor) -> torch.Tensor:
+        # Own valid tokens, padded to c slots, heads reordered by destination rank.
+        x = x[:, :, :n_r]
+        if n_r < c:
+            x = F.pad(x, (0, 0, 0, c - n_r))
+        return x if perm_idx is None else x.index_select(1, perm_idx)
+
+    def from_chunks(recv: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        # recv [P * h_r, B, parts, c, d] (by source rank) -> per part tiled [B, h_r, tiled_len, d].
+        d = recv.shape[-1]
+        # One copy reorders (rank, head) -> (head, rank) and leaves a zero row at the end for the
+        # tiled layout's padding slots; a second (the gather) puts the tokens in tiled order.
+        buf = recv.new_zeros(parts, B, h_r, P * c + 1, d)
+        buf[:, :, :, : P * c].view(parts, B, h_r, P, c, d).copy_(recv.view(P, h_r, B, parts, c, d).permute(3, 2, 1, 0, 4, 5))
+        return list(buf.index_select(-2, tiled_from_chunks).unbind(0))
+
+    packed = v.shape[-1] == D
+    if packed:
+        # One all-to-all for q, k and v: [B, H, 3, c, D] -> heads first.
+        stacked = torch.stack([to_chunks(q), to_chunks(k), to_chunks(v)], dim=2).transpose(0, 1)
+        recv = all_to_all_rows(stacked, send_rows, [h_r] * P, group)
+        qt, kt, vt = from_chunks(recv, 3)
+    else:
+        qk = torch.stack([to_chunks(q), to_chunks(k)], dim=2).transpose(0, 1)
+        qt, kt = from_chunks(all_to_all_rows(qk, send_rows, [h_r] * P, group), 2)
+        vv = to_chunks(v).unsqueeze(2).transpose(0, 1)
+        (vt,) = from_chunks(all_to_all_rows(vv, send_rows, [h_r] * P, group), 1)
+
+    # ---- attention over the full sequence for own heads ------------------------------------------
+    if timer is not None:
+        timer.start("attention")
+    if h_r > 0:
+        out_t = nabla_attention(
+            qt, kt, vt, grid, threshold, sta_window, text_tokens, text_position,
+            mask=local_mask, backend=backend, layout="tiled", query_block=query_block, scale=scale,
+        )  # fmt: skip
+    else:
+        out_t = vt  # [B, 0, tiled_len, Dv]: nothing to attend; keeps autograd connected
+
+    # ---- all-to-all back: own heads over the full sequence -> all heads over own shard -----------
+    if timer is not None:
+        timer.start("all_to_all")
+    o = F.pad(out_t, (0, 0, 0, 1)).index_select(-2, chunks_from_tiled)  # [B, h_r, P*c, Dv]
+    o = o.view(B, h_r, P, c, Dv).permute(2, 1, 0, 3, 4)  # [P, h_r, B, c, Dv], by destination rank
+    back = all_to_all_rows(o.reshape(P * h_r, B, c, Dv), [h_r] * P, send_rows, group)  # [H (perm order), B, c, Dv]
+    if perm_idx is not None:
+        inverse = torch.empty_like(perm_idx)
+        inverse[perm_idx] = torch.arange(H, device=q.device)
+        back = back.index_select(0, inverse)
+    out = back.transpose(0, 1)[:, :, :L]  # chunk padding rows are zeros
+    if timer is not None:
+        timer.stop()
+    if return_info:
+        return out, UlyssesInfo(assignment, head_costs, local_heads, local_mask, sizes)
+    return out
