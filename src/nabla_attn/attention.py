@@ -55,8 +55,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
         raise ValueError(f"seq length {q.shape[2]} does not match the grid: expected {expected} ({what})")
 
 
-def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """The backend ``nabla_attention`` uses for ``q`` (``auto`` resolved), raising if it cannot run it."""
+def select_backend(q: torch.Tensor, backend: str = "auto", needs_grad: bool = False, query_block: int = 64) -> str:
+    """The backend ``nabla_attention`` uses for ``q`` (``auto`` resolved), raising if it cannot run it.
+
+    ``needs_grad``: a backward pass will follow (some backends have none on some devices)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from .backends import flex, triton_kernel
@@ -64,7 +66,7 @@ def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
     if backend == "reference":
         return backend
     if backend == "flex":
-        reason = flex.check_supported(q)
+        reason = flex.check_supported(q, needs_grad, query_block)
         if reason:
             raise ValueError(f"backend='flex' cannot run {reason}; fallback: backend='reference'")
         return backend
@@ -76,7 +78,7 @@ def select_backend(q: torch.Tensor, backend: str = "auto") -> str:
     # auto: our Triton kernel where it runs, else compiled FlexAttention on CUDA, else the reference.
     if q.is_cuda and triton_kernel.check_supported(q) is None:
         choice = "triton"
-    elif q.is_cuda and flex.check_supported(q) is None:
+    elif q.is_cuda and flex.check_supported(q, needs_grad, query_block) is None:
         choice = "flex"
     else:
         choice = "reference"
@@ -153,7 +155,8 @@ def nabla_attention(
     if layout not in ("natural", "tiled"):
         raise ValueError(f"layout must be 'natural' or 'tiled', got {layout!r}")
     check_qkv(q, k, v, lay, layout)
-    name = select_backend(q, backend)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    name = select_backend(q, backend, needs_grad, mask.query_block if mask is not None else query_block)
     if mask is None:
         check_threshold(threshold)
         check_sta_window(sta_window)
