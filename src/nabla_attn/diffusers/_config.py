@@ -28,13 +28,11 @@ class NablaConfig:
             prefixes of them (``"single_transformer_blocks"``).
         query_block: 64 (the paper's blocks) or 128 (pairs of tiles per query block; faster kernels).
         backend: ``nabla_attention`` backend: "auto", "triton", "flex" or "reference".
-        tiling: "layer" permutes q, k, v into the tiled order in every layer; "forward" (Wan only)
-            permutes the hidden states and rotary embeddings once per forward; "auto" uses "forward"
-            where the model supports it and the grid needs no padding (height and width multiples of
-            8 tokens), else "layer" (padding slots would otherwise run through every MLP).
         collect_stats: record each layer's kept block density (read with ``nabla_stats``).
 
-    Text tokens need no setting: HunyuanVideo (text after video) and CogVideoX (text before video)
+    q, k and v are permuted into NABLA's tiled order inside each layer (``nabla_attention`` with
+    ``layout="natural"``); docs/diffusers.md gives the measured cost and why the hidden states are not
+    kept tiled across layers. Text tokens need no setting: HunyuanVideo (text after video) and CogVideoX (text before video)
     are handled from the model's own inputs; text blocks are always fully attended.
     """
 
@@ -44,7 +42,6 @@ class NablaConfig:
     exclude_layers: tuple[LayerSelector, ...] = ()
     query_block: int = 64
     backend: Literal["auto", "reference", "flex", "triton"] = "auto"
-    tiling: Literal["auto", "layer", "forward"] = "auto"
     collect_stats: bool = True
 
     def __post_init__(self) -> None:
@@ -70,5 +67,3 @@ class NablaConfig:
             raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {self.query_block!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.tiling not in ("auto", "layer", "forward"):
-            raise ValueError(f"tiling must be 'auto', 'layer' or 'forward', got {self.tiling!r}")
