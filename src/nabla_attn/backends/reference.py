@@ -1,8 +1,10 @@
 """Eager block-sparse attention: the oracle every other backend is checked against.
 
 Runs on any device and dtype. Lower-precision inputs are computed in float32 and cast back; float64
-stays float64. Queries are processed in chunks so no ``S x S`` matrix exists at once; under autograd
-each chunk is recomputed in the backward pass (activation checkpointing) for the same reason.
+stays float64. For each query block it gathers only the kept key blocks, so its cost follows the kept
+density (it is faster than dense attention on a CPU at NABLA's densities), and it works through query
+blocks in chunks so no ``S x S`` matrix ever exists. Under autograd each chunk is recomputed in the
+backward pass (activation checkpointing) for the same memory reason.
 """
 
 from __future__ import annotations
@@ -10,45 +12,65 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..grid import BLOCK_TOKENS
-from ..masks import BlockSparseMask
+from ..grid import BLOCK_TOKENS, block_counts_on
+from ..masks import BlockSparseMask, compact_rows
 
-# Scores held at once per chunk, in elements (x4 bytes in float32).
-_CHUNK_ELEMENTS = 1 << 25
+# Elements of gathered keys or of scores held at once per chunk (x4 bytes in float32).
+_CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
+def _chunk_attention(
+    q: torch.Tensor,  # [B, H, r, qb, D]
+    k_blocks: torch.Tensor,  # [B, H, Nb, 64, D]
+    v_blocks: torch.Tensor,  # [B, H, Nb, 64, Dv]
+    idx: torch.Tensor,  # [B, H, r, kmax] kept key blocks (0 where unused)
+    allowed: torch.Tensor,  # [B, H, r, kmax * 64] key slot is kept and real
+    scale: float,
+) -> torch.Tensor:
+    B, H, r, kmax = idx.shape
+    bi = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
+    hi = torch.arange(H, device=idx.device).view(1, H, 1, 1)
+    keys = k_blocks[bi, hi, idx].flatten(3, 4)  # [B, H, r, kmax*64, D]
+    values = v_blocks[bi, hi, idx].flatten(3, 4)
+    scores = (q @ keys.transpose(-1, -2)) * scale  # [B, H, r, qb, kmax*64]
+    scores = scores.masked_fill(~allowed.unsqueeze(3), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    # A row with no kept key at all gives 0 (softmax of all -inf is NaN); the flex backend does the same.
-    probs = torch.where(allowed.any(-1, keepdim=True), probs, torch.zeros_like(probs))
-    return probs @ v
+    # A row with no kept key at all gives 0 (softmax of all -inf is NaN); every backend does the same.
+    probs = torch.where(allowed.any(-1)[..., None, None], probs, torch.zeros_like(probs))
+    return probs @ values
 
 
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> torch.Tensor:
-    """Block-sparse attention on tiled ``[B, H, tiled_len, D]`` tensors; returns the same shape."""
+    """Block-sparse attention on tiled ``[B, H, tiled_len, D]`` tensors; returns ``[B, H, tiled_len, Dv]``."""
     B, H, S, D = q.shape
+    Dv = v.shape[-1]
     layout = mask.layout
+    nb, qb, nq = layout.num_blocks, mask.query_block, mask.num_query_blocks
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc, vc = (t.to(compute) for t in (q, k, v))
-    kept = mask.expand(B, H).kept
-    valid_keys = layout.valid_tokens(q.device)  # [S]
+    q_len = nq * qb
+    qc = torch.nn.functional.pad(q.to(compute), (0, 0, 0, q_len - S)).view(B, H, nq, qb, D)
+    k_blocks = k.to(compute).view(B, H, nb, BLOCK_TOKENS, D)
+    v_blocks = v.to(compute).view(B, H, nb, BLOCK_TOKENS, Dv)
 
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * S * mask.query_block))
+    counts, idx = compact_rows(mask.expand(B, H).kept)
+    slot_real = torch.arange(BLOCK_TOKENS, device=q.device) < block_counts_on(layout, q.device)[:, None]  # [Nb, 64]
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
     outs = []
-    nq = mask.num_query_blocks
-    for start in range(0, nq, rows_per_chunk):
-        stop = min(nq, start + rows_per_chunk)
-        tok0, tok1 = start * mask.query_block, min(S, stop * mask.query_block)
-        block_rows = kept[:, :, start:stop]  # [B, H, r, Kb]
-        allowed = block_rows.repeat_interleave(mask.query_block, dim=2)[:, :, : tok1 - tok0]
-        allowed = allowed.repeat_interleave(BLOCK_TOKENS, dim=3) & valid_keys
-        args = (qc[:, :, tok0:tok1], kc, vc, allowed, scale)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False))
-        else:
-            outs.append(_chunk_attention(*args))
-    return torch.cat(outs, dim=2).to(q.dtype)
+    start = 0
+    while start < nq:
+        # Rows per chunk from this chunk's widest row, so dense text rows do not slow the others.
+        kmax = max(1, int(counts[:, :, start : start + 8].max()))
+        rows = max(1, _CHUNK_ELEMENTS // (B * H * kmax * BLOCK_TOKENS * max(qb, D)))
+        stop = min(nq, start + rows)
+        kmax = max(1, int(counts[:, :, start:stop].max()))
+        used = torch.arange(kmax, device=q.device) < counts[:, :, start:stop, None]  # [B, H, r, kmax]
+        chunk_idx = torch.where(used, idx[:, :, start:stop, :kmax].long(), 0)
+        allowed = (used.unsqueeze(-1) & slot_real[chunk_idx]).flatten(-2)
+        args = (qc[:, :, start:stop], k_blocks, v_blocks, chunk_idx, allowed, scale)
+        outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if grad else _chunk_attention(*args))
+        start = stop
+    out = torch.cat(outs, dim=2).view(B, H, q_len, Dv)[:, :, :S]
+    return out.to(q.dtype)
