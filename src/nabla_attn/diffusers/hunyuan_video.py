@@ -76,6 +76,11 @@ class HunyuanVideoNablaProcessor(NablaProcessorBase):
         """NABLA with HunyuanVideo's key mask: each prompt's padding tokens (at the end) are not keys."""
         if mask is None:
             return self.sparse(q, k, v, text, "end")
+        return self._masked_eager(q, k, v, text, mask)
+
+    # Reads the prompt lengths on the host: kept out of torch.compile graphs (no value guards).
+    @torch._dynamo.disable
+    def _masked_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, mask: torch.Tensor) -> torch.Tensor:
         B, _, N, _ = q.shape
         key_ok = mask.reshape(mask.shape[0], -1).expand(B, N)
         lengths = key_ok.sum(-1).tolist()
