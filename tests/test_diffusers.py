@@ -228,3 +228,34 @@ def test_torch_compile_no_recompiles_across_steps() -> None:
     # step 0 dense, step 1 switches to sparse (one recompile), steps 2 and 3 reuse the graphs
     assert graphs[2] == graphs[1] and graphs[3] == graphs[1], graphs
     assert _close(out, eager)
+
+
+def test_wan_i2v_and_ti2v_variants() -> None:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    common = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=64,
+    )  # fmt: skip
+    # I2V: attn2 also attends to image keys (added_kv_proj_dim) and must stay dense and untouched.
+    i2v = WanTransformer3DModel(**common, image_dim=8, added_kv_proj_dim=24).eval()
+    x_i2v = {
+        "hidden_states": torch.randn(1, 4, 3, 20, 36), "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 512, 16), "encoder_hidden_states_image": torch.randn(1, 5, 8),
+    }  # fmt: skip
+    # TI2V (Wan 2.2 5B): per-token timesteps, 0 on the conditioning frame; the step is read from the max.
+    ti2v = WanTransformer3DModel(**common).eval()
+    ts = torch.full((1, 540), 700)
+    ts[:, :180] = 0
+    x_ti2v = {"hidden_states": torch.randn(1, 4, 3, 20, 36), "timestep": ts, "encoder_hidden_states": torch.randn(1, 12, 16)}
+    with torch.no_grad():
+        for model, inputs in ((i2v, x_i2v), (ti2v, x_ti2v)):
+            dense = run(model, inputs)
+            handle = apply_nabla(model, NablaConfig(threshold=1.0))
+            assert type(model.blocks[0].attn2.processor).__name__ == "WanAttnProcessor"
+            nabla = run(model, inputs)
+            assert len(handle.stats().last) == 2 and handle.step == 0
+            remove_nabla(handle)
+            assert _close(nabla, dense)
+    assert handle._session.last_timestep == 700.0
