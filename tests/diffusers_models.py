@@ -59,12 +59,16 @@ def cogvideox(batch: int = 1, frames: int = FRAMES, height: int = HEIGHT, width:
     model = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
         text_embed_dim=8, num_layers=2, sample_width=2 * width, sample_height=2 * height, sample_frames=frames * 4 - 3,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT, use_rotary_positional_embeddings=True,
     )  # fmt: skip
+    # CogVideoX 5B style: RoPE on the video tokens only (the pipeline computes the tables; any
+    # cos/sin pair of shape [video tokens, head_dim] exercises the same path).
+    angles = torch.rand(frames * height * width, 8) * 6.28
     inputs = {
         "hidden_states": torch.randn(batch, frames, 4, 2 * height, 2 * width),
         "encoder_hidden_states": torch.randn(batch, TEXT, 8),
         "timestep": torch.full((batch,), 500, dtype=torch.long),
+        "image_rotary_emb": (angles.cos(), angles.sin()),
     }
     return model.eval(), inputs
 
