@@ -31,10 +31,12 @@ _LOG2E = 1.4426950408889634
 class KernelConfig:
     """Launch choices. ``tile_m_for_64``: query tile for ``query_block=64`` tables (64 = one row per
     tile; 128 = two rows per tile with per-half masking). ``pair``: 128-wide key tiles from two
-    listed blocks. Warps/stages per kernel."""
+    listed blocks. ``tma``: K/V tiles by tensor descriptors (forward; not with ``pair``).
+    Warps/stages per kernel."""
 
     tile_m_for_64: int = 128
     pair: bool = False
+    tma: bool = False
     fwd_warps: int = 8
     fwd_stages: int = 3
     dq_warps: int = 8
@@ -128,14 +130,30 @@ class _BlockSparseAttention(torch.autograd.Function):
         n_tiles = -(-S // tile_m)
         if cnt.shape[2] != n_tiles:
             raise RuntimeError(f"kv lists have {cnt.shape[2]} rows, the kernel needs {n_tiles} tiles of {tile_m}")
-        _attn_fwd[(n_tiles, B * H)](
-            q, k, v, o, lse, cnt, idx, bcnt, sub,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
-            H, S, mask.kept.shape[2], scale * _LOG2E,
-            BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=q.dtype == torch.float32,
-            num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
-        )
+        if cfg.tma and not cfg.pair:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            from ..kernels.attention import _attn_fwd_tma
+
+            dk = TensorDescriptor.from_tensor(k.view(B * H * S, D), [BLOCK_TOKENS, D])
+            dv = TensorDescriptor.from_tensor(v.view(B * H * S, D), [BLOCK_TOKENS, D])
+            _attn_fwd_tma[(n_tiles, B * H)](
+                q, dk, dv, o, lse, cnt, idx, bcnt, sub,
+                *_strides(q), *_strides(o),
+                *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
+                H, S, mask.kept.shape[2], scale * _LOG2E,
+                BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+                num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
+            )
+        else:
+            _attn_fwd[(n_tiles, B * H)](
+                q, k, v, o, lse, cnt, idx, bcnt, sub,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
+                H, S, mask.kept.shape[2], scale * _LOG2E,
+                BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+                num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
+            )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.scale, ctx.cfg = mask, scale, cfg
         return o
@@ -219,5 +237,5 @@ def _env_config() -> KernelConfig:
         key, _, val = item.partition("=")
         if key not in KernelConfig.__dataclass_fields__:
             raise ValueError(f"NABLA_TRITON_CONFIG: unknown field {key!r}")
-        kw[key] = bool(int(val)) if key == "pair" else int(val)
+        kw[key] = bool(int(val)) if key in ("pair", "tma") else int(val)
     return replace(DEFAULT_CONFIG, **kw)

@@ -226,3 +226,63 @@ def _attn_bwd_dkdv(
     dk = dk * sm_scale
     tl.store(DK + b * sk_b + h * sk_h + tok[:, None] * sk_s + offs_d[None, :], dk.to(DK.dtype.element_ty))
     tl.store(DV + b * sv_b + h * sv_h + tok[:, None] * sv_s + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+@triton.jit
+def _attn_fwd_tma(
+    Q, DK, DV, O, LSE, CNT, IDX, BCNT, SUB,
+    sq_b, sq_h, sq_s, so_b, so_h, so_s,
+    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
+    H, S, NQ64, qk_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+):
+    """:func:`_attn_fwd` with K/V tiles fetched by the Hopper bulk tensor copy engine (TMA).
+
+    ``DK``/``DV`` are host-side tensor descriptors over K and V viewed as ``[B*H*S, D]`` with
+    64 x D boxes; one listed key block is exactly one box, so the copy needs no gather.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, 64)
+    row_ok = offs_m < S
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
+    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    row0 = bh * S
+    if SUBMASK:
+        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+        has_sub1 = 2 * pid_m + 1 < NQ64
+        top = offs_m < pid_m * BLOCK_M + 64
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, cnt):
+        kb = tl.load(idx_row + j)
+        nval = tl.load(BCNT + kb)
+        k = DK.load([row0 + kb * 64, 0])
+        v = DV.load([row0 + kb * 64, 0])
+        s = _mm(q, tl.trans(k), IEEE) * qk_scale
+        valid = (offs_n < nval)[None, :]
+        if SUBMASK:
+            bit0 = tl.load(sub0 + kb)
+            bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
+            valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)

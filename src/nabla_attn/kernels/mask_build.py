@@ -113,7 +113,7 @@ def _compact_kernel(
     t_b, t_h, t_r, t_c,
     c_b, c_h,
     i_b, i_h, i_r,
-    H, NR, NC_OUT,
+    H, NR, NC, NC_OUT,
     RGROUP: tl.constexpr, CGROUP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Row compaction of a bool table (any strides): ``out[r, c] = OR of T[r*RG + i, c*CG + j]``."""
@@ -129,7 +129,7 @@ def _compact_kernel(
         for j in tl.static_range(CGROUP):
             rr = row * RGROUP + i
             cc = cols * CGROUP + j
-            v = tl.load(base + rr * t_r + cc * t_c, mask=ok & (rr < NR) & (cc < NC_OUT * CGROUP), other=0)
+            v = tl.load(base + rr * t_r + cc * t_c, mask=ok & (rr < NR) & (cc < NC), other=0)
             keep = keep | (v != 0).to(tl.int32)
     keep = tl.where(ok, keep, 0)
     pos = tl.cumsum(keep, axis=0) - 1
@@ -163,7 +163,7 @@ def compact_table(kept: torch.Tensor, row_group: int = 1, col_group: int = 1, *,
     _compact_kernel[(r_out, B * H)](
         t, counts, idx, sb, sh, sr, sc,
         counts.stride(0), counts.stride(1), idx.stride(0), idx.stride(1), idx.stride(2),
-        H, nr, c_out, RGROUP=row_group, CGROUP=col_group, BLOCK=block,
+        H, nr, nc, c_out, RGROUP=row_group, CGROUP=col_group, BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )
     return counts, idx

@@ -1,0 +1,576 @@
+"""``nabla bench``: GPU benchmark of NABLA attention against the best dense kernel (cuDNN SDPA).
+
+Everything runs in one process, on one card: the dense cuDNN baseline (forward and forward +
+backward), compiled FlexAttention (128x64 and 64x64 blocks) and our Triton kernel at several kept
+densities, the mask build (fused Triton builder and the eager recipe), its extra peak memory,
+50 calls with changing masks (recompilations counted), first-call compile times, and the error of
+every kernel against a float64 reference under the flash-attention rule (max error <= 2x that of
+PyTorch's own bf16 SDPA on the same masked problem). Prints a table and writes JSON.
+
+Inputs: random q, k give near-uniform block maps, so the benchmark uses *structured* q and k:
+random Fourier features of each token's (t, h, w) position, ``cos(W x + b)``, whose dot products
+approximate a Gaussian kernel of token distance (local attention, as in trained video DiTs), with
+per-head length scales and added noise. The NABLA threshold is then found by bisection so the
+mask lands at each requested density (kept fraction of the block table actually computed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from .grid import BLOCK_TOKENS, TokenLayout, VideoGrid, tile, untile
+from .masks import BlockSparseMask, _group_rows, _with_text, cdf_keep, pool_blocks
+
+# Feature amplitude: block-level logits of ~5-15, densities 1-80% for thresholds 0.7-0.999.
+AMP = 1.0
+SHAPES: dict[str, tuple[tuple[int, int, int], int, int]] = {
+    # name: ((frames, height, width) latent grid, text tokens, heads)
+    "wan14b_720p": ((21, 40, 80), 0, 40),
+    "wan1.3b_480p": ((21, 30, 52), 0, 12),
+    "hunyuan_720p": ((33, 45, 80), 256, 24),
+    "smoke": ((3, 13, 22), 7, 2),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default="wan14b_720p,wan1.3b_480p,hunyuan_720p",
+                        help=f"comma-separated, from {sorted(SHAPES)}")
+    parser.add_argument("--densities", default="0.05,0.1,0.2,0.3", help="kept block fractions")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--no-backward", action="store_true", help="forward only")
+    parser.add_argument("--quick", action="store_true", help="first shape, 10%% density, fewer extras")
+    parser.add_argument("--variants", action="store_true", help="also sweep Triton kernel configs at 10%%")
+    parser.add_argument("--check", action="store_true", help="small fwd+bwd correctness check of every kernel config first")
+    parser.add_argument("--calls", type=int, default=50, help="calls with changing masks for the recompile count")
+    parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+
+
+# ----------------------------------------------------------------------------------------- timing
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], budget_ms: float = 400.0, max_reps: int = 30) -> float:
+    """Median time of ``fn`` (ms) after one warm-up call; CUDA events on the GPU."""
+    fn()
+    _sync()
+    if not torch.cuda.is_available():
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    est = max(start.elapsed_time(stop), 1e-3)
+    reps = int(min(max_reps, max(3, budget_ms / est)))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak device memory ``fn`` allocates beyond what was allocated before (MiB; NaN on the CPU)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    del out
+    return peak
+
+
+def first_call_s(fn: Callable[[], Any]) -> float:
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def structured_qkv(layout: TokenLayout, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiled ``[1, H, tiled_len, D]`` q, k, v with local (distance-kernel) attention structure."""
+    g = layout.grid
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    nat = torch.arange(g.num_tokens, device=device)
+    pos = torch.stack([nat // (g.height * g.width), (nat // g.width) % g.height, nat % g.width], 1).float()
+    shape = (1, heads, layout.seq_len, head_dim)
+    q = torch.empty(shape, dtype=dtype, device=device)
+    k = torch.empty(shape, dtype=dtype, device=device)
+    v = torch.randn(shape, generator=None, dtype=dtype, device=device)
+    for h in range(heads):
+        # Length scales (frames, rows, cols) grow with the head index: narrow to broad attention.
+        ell = torch.tensor([1.0 + 0.15 * h, 4.0 + 0.8 * h, 4.0 + 0.8 * h])
+        w = (torch.randn(head_dim, 3, generator=gen) / ell).to(device)
+        b = (torch.rand(head_dim, generator=gen) * 2 * math.pi).to(device)
+        feat = torch.cos(pos @ w.T + b) * math.sqrt(2.0)  # E[feat(x).feat(y)] ~ D * kernel(x - y)
+        amp = AMP
+        qh = amp * feat + 0.5 * torch.randn(feat.shape, device=device)
+        kh = amp * feat + 0.5 * torch.randn(feat.shape, device=device)
+        text = layout.text_tokens
+        vid = slice(0, g.num_tokens) if layout.text_position == "end" else slice(text, text + g.num_tokens)
+        q[0, h, vid] = qh.to(dtype)
+        k[0, h, vid] = kh.to(dtype)
+        if text:
+            tx = slice(g.num_tokens, None) if layout.text_position == "end" else slice(0, text)
+            q[0, h, tx] = torch.randn(text, head_dim, device=device).to(dtype)
+            k[0, h, tx] = torch.randn(text, head_dim, device=device).to(dtype)
+    return tile(q, layout), tile(k, layout), tile(v, layout)
+
+
+# ------------------------------------------------------------------------------------------ masks
+def eager_mask(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, threshold: float, query_block: int) -> BlockSparseMask:
+    """The paper's recipe as written in masks.py (pool, softmax, sort-based CDF cut), always eager."""
+    nv = layout.num_video_blocks
+    with torch.no_grad():
+        qa = pool_blocks(q, layout)[:, :, :nv]
+        ka = pool_blocks(k, layout)[:, :, :nv]
+        scores = qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        video = cdf_keep(torch.softmax(scores, dim=-1), threshold)
+        kept = _group_rows(_with_text(video, layout), query_block)
+    return BlockSparseMask(kept, layout, query_block)
+
+
+def fast_mask(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, threshold: float, query_block: int) -> BlockSparseMask:
+    from .kernels.mask_build import build_nabla_mask_fast
+
+    return build_nabla_mask_fast(q, k, layout, threshold, None, query_block=query_block)
+
+
+def threshold_for_density(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, density: float,
+                          query_block: int, iters: int = 16) -> tuple[float, BlockSparseMask]:
+    """Bisection on the threshold so the block table's kept fraction lands at ``density``."""
+    # Bisection on log(1 - threshold): density falls as the dropped mass 1 - threshold grows.
+    lo, hi = math.log(1e-7), math.log(0.9999)
+    best: tuple[float, BlockSparseMask] | None = None
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        thr = 1.0 - math.exp(mid)
+        m = fast_mask(q, k, layout, thr, query_block)
+        d = m.density
+        if best is None or abs(d - density) < abs(best[1].density - density):
+            best = (thr, m)
+        if d > density:
+            lo = mid
+        else:
+            hi = mid
+    assert best is not None
+    return best
+
+
+# ---------------------------------------------------------------------------------------- kernels
+def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _attn_fn(name: str, mask: BlockSparseMask, scale: float, config: Any = None) -> Callable:
+    if name.startswith("triton"):
+        from .backends.triton_kernel import triton_attention
+
+        return lambda q, k, v: triton_attention(q, k, v, mask, scale, config)
+    from .backends.flex import flex_attention_backend
+
+    opts = {"BLOCK_M": 64, "BLOCK_N": 64} if mask.query_block == 64 else None
+    return lambda q, k, v: flex_attention_backend(q, k, v, mask, scale, opts)
+
+
+def _recompiles() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - counters are internal; report -1 if they move
+        return -1
+
+
+def _triton_variants() -> int:
+    """Compiled specialisations of our kernels so far (grows only on a recompile)."""
+    from .kernels import attention as ka, mask_build as mb
+
+    n = 0
+    for fn in (ka._attn_fwd, ka._attn_bwd_dq, ka._attn_bwd_dkdv, ka._attn_bwd_delta, mb._nabla_rows_kernel,
+               mb._compact_kernel):
+        caches = getattr(fn, "device_caches", None)
+        if caches:
+            n += sum(len(c[0]) for c in caches.values())
+    return n
+
+
+# ------------------------------------------------------------------------------------------ error
+def masked_errors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, outs: dict[str, torch.Tensor],
+                  scale: float, heads: int = 2, rows: int = 2048, seed: int = 1) -> dict[str, dict[str, float]]:
+    """Max and relative errors against float64 on sampled query rows, plus PyTorch's own bf16 SDPA."""
+    layout = mask.layout
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    valid = layout.valid_tokens(q.device)
+    cand = torch.nonzero(valid).squeeze(1).cpu()
+    pick = cand[torch.randperm(len(cand), generator=gen)[:rows]].sort().values.to(q.device)
+    kept = mask.kept
+    res: dict[str, list[tuple[float, float, float]]] = {n: [] for n in [*outs, "torch_sdpa_lowp"]}
+    for h in range(min(heads, q.shape[1])):
+        hm = 0 if kept.shape[1] == 1 else h
+        allowed = kept[0, hm][pick // mask.query_block][:, torch.arange(q.shape[2], device=q.device) // BLOCK_TOKENS]
+        allowed &= valid[None, :]
+        has = allowed.any(1)
+        qs, kk, vv = q[0, h, pick].double(), k[0, h].double(), v[0, h].double()
+        s = (qs @ kk.T) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        ref = torch.softmax(s, -1) @ vv
+        ref = torch.where(has[:, None], ref, torch.zeros_like(ref))
+        del s
+        with torch.no_grad():
+            low = torch.nn.functional.scaled_dot_product_attention(
+                q[0, h, pick][None, None], k[0, h][None, None], v[0, h][None, None], attn_mask=allowed[None, None],
+                scale=scale)[0, 0]
+        cands = {n: o[0, h, pick] for n, o in outs.items()}
+        cands["torch_sdpa_lowp"] = low
+        for n, o in cands.items():
+            d = (o.double() - ref)[has]
+            res[n].append((float(d.abs().max()), float(d.norm()), float(ref[has].norm())))
+    out: dict[str, dict[str, float]] = {}
+    for n, vals in res.items():
+        out[n] = {"max_abs": max(x[0] for x in vals), "rel": math.sqrt(sum(x[1] ** 2 for x in vals)) / math.sqrt(sum(x[2] ** 2 for x in vals))}
+    base = out["torch_sdpa_lowp"]["max_abs"]
+    for n in outs:
+        out[n]["ratio_vs_torch"] = out[n]["max_abs"] / base if base > 0 else float("inf")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ sweep
+@dataclass
+class Row:
+    shape: str
+    kernel: str
+    query_block: int
+    density: float
+    threshold: float
+    fwd_ms: float
+    mask_ms: float
+    fwd_total_ms: float
+    fwdbwd_total_ms: float | None
+    eff_tflops: float
+    speedup_fwd: float
+    speedup_fwdbwd: float | None
+    frac_ideal: float
+    compile_s: float | None
+    mask_peak_mib: float
+
+
+def sweep_variants(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, layout: TokenLayout, scale: float,
+                   gout: torch.Tensor) -> tuple[Any, list[dict[str, Any]]]:
+    """Time Triton kernel configurations at 10% density; return the best combination and all rows."""
+    from .backends.triton_kernel import DEFAULT_CONFIG, KernelConfig
+
+    _, m = threshold_for_density(qt, kt, layout, 0.1, 128)
+    _, m64 = threshold_for_density(qt, kt, layout, 0.1, 64)
+    fwd_cfgs = [KernelConfig(pair=p, fwd_warps=w, fwd_stages=st) for p in (False, True) for w, st in ((8, 3), (8, 2), (4, 2))]
+    fwd_cfgs += [KernelConfig(tma=True, fwd_warps=w, fwd_stages=st) for w, st in ((8, 3), (8, 2), (8, 4))]
+    bwd_cfgs = [KernelConfig(dq_warps=w, dq_stages=st, dkdv_warps=w2, dkdv_stages=s2)
+                for w, st, w2, s2 in ((8, 2, 8, 2), (8, 3, 8, 3), (4, 2, 4, 2), (8, 1, 8, 1))]
+    rows: list[dict[str, Any]] = []
+    best_fwd, best_bwd = (DEFAULT_CONFIG, float("inf")), (DEFAULT_CONFIG, float("inf"))
+    for cfg in fwd_cfgs:
+        try:
+            f = _attn_fn("triton", m, scale, cfg)
+            f64 = _attn_fn("triton", m64, scale, cfg)
+            r = {"config": asdict(cfg), "fwd_q128_ms": time_ms(lambda: f(qt, kt, vt), budget_ms=200),
+                 "fwd_q64_sub128_ms": time_ms(lambda: f64(qt, kt, vt), budget_ms=200)}
+            if r["fwd_q128_ms"] < best_fwd[1]:
+                best_fwd = (cfg, r["fwd_q128_ms"])
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
+            r = {"config": asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        rows.append(r)
+        print("  variant", r, flush=True)
+    for cfg in bwd_cfgs:
+        try:
+            a, b, c = (x.clone().requires_grad_() for x in (qt, kt, vt))
+            f = _attn_fn("triton", m, scale, cfg)
+
+            def step() -> None:
+                for x in (a, b, c):
+                    x.grad = None
+                f(a, b, c).backward(gout)
+
+            r = {"config": asdict(cfg), "fwdbwd_q128_ms": time_ms(step, budget_ms=300)}
+            if r["fwdbwd_q128_ms"] < best_bwd[1]:
+                best_bwd = (cfg, r["fwdbwd_q128_ms"])
+            del a, b, c
+        except Exception as e:  # noqa: BLE001
+            r = {"config": asdict(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        rows.append(r)
+        print("  variant", r, flush=True)
+    fc, bc = best_fwd[0], best_bwd[0]
+    chosen = KernelConfig(pair=fc.pair, tma=fc.tma, fwd_warps=fc.fwd_warps, fwd_stages=fc.fwd_stages,
+                          dq_warps=bc.dq_warps, dq_stages=bc.dq_stages, dkdv_warps=bc.dkdv_warps, dkdv_stages=bc.dkdv_stages)
+    t_sub = time_ms(lambda: _attn_fn("triton", m64, scale, chosen)(qt, kt, vt), budget_ms=200)
+    t_64 = time_ms(lambda: _attn_fn("triton", m64, scale, KernelConfig(tile_m_for_64=64))(qt, kt, vt), budget_ms=200)
+    rows.append({"query_block_64": {"tile128_submask_ms": t_sub, "tile64_ms": t_64}})
+    print("  q64 tiles:", rows[-1], flush=True)
+    if t_64 < t_sub:
+        chosen = KernelConfig(**{**asdict(chosen), "tile_m_for_64": 64})
+    return chosen, rows
+
+
+def _check_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[dict[str, Any]]:
+    """Small fwd+bwd check of every kernel configuration against the float64 reference."""
+    from .backends.reference import reference_attention
+    from .backends.triton_kernel import KernelConfig, triton_attention
+
+    layout = TokenLayout(VideoGrid(3, 13, 22), 7)
+    torch.manual_seed(0)
+    B, H, D = 2, 3, head_dim
+    q, k, v = (torch.randn(B, H, layout.tiled_len, D, device=device, dtype=dtype) for _ in range(3))
+    valid = layout.valid_tokens(device)
+    out = []
+    for qb, cfg in ((128, KernelConfig(pair=False)), (128, KernelConfig(pair=True)),
+                    (64, KernelConfig(tile_m_for_64=64)), (64, KernelConfig(tile_m_for_64=128)),
+                    (64, KernelConfig(tile_m_for_64=128, pair=True)), (128, KernelConfig(tma=True)),
+                    (64, KernelConfig(tma=True))):
+        mask = fast_mask(q, k, layout, 0.6, qb)
+        a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
+        o = triton_attention(a, b, c, mask, 0.2, cfg)
+        go = torch.randn_like(o)
+        o.backward(go)
+        a2, b2, c2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+        r = reference_attention(a2, b2, c2, mask, 0.2)
+        r.backward(go.double())
+        # PyTorch's own low-precision error on the same problem: reference in the input dtype.
+        low = reference_attention(q.float(), k.float(), v.float(), mask, 0.2).to(dtype)
+
+        def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+            return float((x.double()[..., valid, :] - y[..., valid, :]).norm() / y[..., valid, :].norm())
+
+        out.append({"query_block": qb, "config": asdict(cfg), "out": rel(o, r), "dq": rel(a.grad, a2.grad),
+                    "dk": rel(b.grad, b2.grad), "dv": rel(c.grad, c2.grad), "torch_lowp_out": rel(low, r)})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("nabla bench needs a CUDA GPU (timings of cuDNN, FlexAttention and the Triton kernel)", file=sys.stderr)
+        return 2
+    import torch._dynamo as dynamo
+
+    dynamo.config.recompile_limit = 64  # never fall back to eager (S x S scores) mid-sweep
+    from .backends.triton_kernel import DEFAULT_CONFIG, KernelConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter smoke run)"
+    if device.type == "cpu":  # exercise every code path at a toy size (needs TRITON_INTERPRET=1)
+        args.shapes, args.no_flex, args.head_dim, dtype, args.calls = "smoke", True, 32, torch.float32, 3
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in shapes:
+        if s not in SHAPES:
+            raise SystemExit(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
+    densities = [float(x) for x in args.densities.split(",")]
+    if args.quick:
+        shapes, densities = shapes[:1], [0.1]
+    result: dict[str, Any] = {"card": card, "torch": torch.__version__, "python": platform.python_version(),
+                              "dtype": args.dtype, "head_dim": args.head_dim, "inputs": __doc__.split("Inputs: ")[1].strip(),
+                              "config": asdict(DEFAULT_CONFIG), "shapes": {}, "rows": []}
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"card: {card}, torch {torch.__version__}, dtype {args.dtype}, head_dim {args.head_dim}", flush=True)
+    if args.check:
+        result["check"] = _check_kernels(device, dtype, args.head_dim)
+        for c in result["check"]:
+            print("check", c, flush=True)
+
+    rows: list[Row] = []
+    chosen = DEFAULT_CONFIG
+    for shape in shapes:
+        (T, Hh, W), text, heads = SHAPES[shape]
+        layout = TokenLayout(VideoGrid(T, Hh, W), text)
+        D = args.head_dim
+        scale = 1.0 / math.sqrt(D)
+        qt, kt, vt = structured_qkv(layout, heads, D, dtype, device)
+        S = layout.seq_len
+        info: dict[str, Any] = {"grid": [T, Hh, W], "text_tokens": text, "heads": heads, "seq_len": S,
+                                "blocks": layout.num_blocks}
+        dense_flops = 4.0 * heads * S * S * D
+        qn, kn, vn = (untile(x, layout).contiguous() for x in (qt, kt, vt))
+        info["cudnn_fwd_ms"] = time_ms(lambda: _dense_sdpa(qn, kn, vn))
+        if not args.no_backward:
+            qg, kg, vg = (x.clone().requires_grad_() for x in (qn, kn, vn))
+            gdense = torch.randn_like(qn)
+
+            def dense_step() -> None:
+                for x in (qg, kg, vg):
+                    x.grad = None
+                _dense_sdpa(qg, kg, vg).backward(gdense)
+
+            info["cudnn_fwdbwd_ms"] = time_ms(dense_step)
+            del qg, kg, vg, gdense
+        del qn, kn, vn
+        info["cudnn_fwd_tflops"] = dense_flops / info["cudnn_fwd_ms"] / 1e9
+        print(f"[{shape}] S={S} heads={heads}: cuDNN fwd {info['cudnn_fwd_ms']:.2f} ms "
+              f"fwd+bwd {info.get('cudnn_fwdbwd_ms', float('nan')):.2f} ms", flush=True)
+
+        gout = torch.randn_like(qt)
+        if args.variants and "variants" not in result:
+            chosen, var = sweep_variants(qt, kt, vt, layout, scale, gout)
+            result["variants"] = {"shape": shape, "rows": var}
+            result["config"] = asdict(chosen)
+            print("  chosen config:", asdict(chosen), flush=True)
+        kernels = [("triton", 128), ("triton", 64)]
+        if not args.no_flex:
+            kernels += [("flex", 128), ("flex", 64)]
+        for dens in densities:
+            masks = {qb: threshold_for_density(qt, kt, layout, dens, qb) for qb in (128, 64)}
+            for qb, (thr, m) in masks.items():
+                # Mask build time and extra peak memory (fused builder, kv lists included).
+                mask_ms = time_ms(lambda: fast_mask(qt, kt, layout, thr, qb))
+                peak = peak_mib(lambda: fast_mask(qt, kt, layout, thr, qb))
+                info.setdefault("masks", {})[f"{dens}_{qb}"] = {"threshold": thr, "density": m.density, "mask_ms": mask_ms,
+                                                                "peak_mib": peak}
+                if abs(dens - 0.1) < 1e-9 and qb == 64 and "eager_mask_ms_qb64" not in info:
+                    info["eager_mask_ms_qb64"] = time_ms(lambda: eager_mask(qt, kt, layout, thr, 64))
+                    info["eager_mask_peak_mib"] = peak_mib(lambda: eager_mask(qt, kt, layout, thr, 64))
+                    em = eager_mask(qt, kt, layout, thr, 64)
+                    fm = fast_mask(qt, kt, layout, thr, 64)
+                    info["fast_vs_eager_differing_blocks"] = int((em.kept != fm.kept).sum())
+                    info["fast_vs_eager_total_blocks"] = em.kept.numel()
+                    del em, fm
+            outs: dict[str, torch.Tensor] = {}
+            for name, qb in kernels:
+                thr, m = masks[qb]
+                label = f"{name}_q{qb}"
+                fn = _attn_fn(name, m, scale, chosen)
+                try:
+                    compile_s = first_call_s(lambda: fn(qt, kt, vt))
+                    fwd_ms = time_ms(lambda: fn(qt, kt, vt))
+                    if abs(dens - 0.1) < 1e-9:
+                        outs[label] = fn(qt, kt, vt)
+                    # End to end: the mask is rebuilt inside the timed region (new kv lists, new
+                    # q-side lists in the backward), as in a real denoising step.
+                    full_fwd = time_ms(lambda: _attn_fn(name, fast_mask(qt, kt, layout, thr, qb), scale, chosen)(qt, kt, vt))
+                    fb = None
+                    # FlexAttention's backward is not timed: with 64-token key blocks its autotuner hit an
+                    # illegal memory access on torch 2.11 (H200), which poisons the CUDA context.
+                    if not args.no_backward and name != "flex":
+                        a, b, c = (x.clone().requires_grad_() for x in (qt, kt, vt))
+
+                        def step() -> None:
+                            for x in (a, b, c):
+                                x.grad = None
+                            mm = fast_mask(qt, kt, layout, thr, qb)
+                            _attn_fn(name, mm, scale, chosen)(a, b, c).backward(gout)
+
+                        try:
+                            compile_s += first_call_s(step)
+                            fb = time_ms(step)
+                        except Exception as e:  # noqa: BLE001 - record and go on (e.g. flex bwd configs)
+                            print(f"  {label} backward failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        del a, b, c
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                work = m.density
+                row = Row(shape, label, qb, work, thr, fwd_ms, info["masks"][f"{dens}_{qb}"]["mask_ms"], full_fwd, fb,
+                          work * dense_flops / fwd_ms / 1e9, info["cudnn_fwd_ms"] / full_fwd,
+                          (info["cudnn_fwdbwd_ms"] / fb) if fb else None,
+                          work * info["cudnn_fwd_ms"] / fwd_ms, compile_s, info["masks"][f"{dens}_{qb}"]["peak_mib"])
+                rows.append(row)
+                print(f"  {label} d={work:.3f} fwd {fwd_ms:.2f} ms, +mask {full_fwd:.2f} ms "
+                      f"({row.speedup_fwd:.2f}x), fwd+bwd+mask {fb if fb else float('nan'):.2f} ms "
+                      f"({row.speedup_fwdbwd or float('nan'):.2f}x), first call {compile_s:.1f} s", flush=True)
+            if outs:
+                m128 = masks[128][1]
+                errs = {}
+                for qb in (128, 64):
+                    sel = {n: o for n, o in outs.items() if n.endswith(f"q{qb}")}
+                    if sel:
+                        errs[qb] = masked_errors(qt, kt, vt, masks[qb][1], sel, scale)
+                info["errors_at_10pct"] = {str(k): v for k, v in errs.items()}
+                print("  errors vs float64 (max_abs, ratio to torch bf16 SDPA):",
+                      {qb: {n: (round(e['max_abs'], 5), round(e.get('ratio_vs_torch', 1.0), 2)) for n, e in es.items()}
+                       for qb, es in errs.items()}, flush=True)
+                del outs, m128
+        # Recompiles over calls with changing masks (threshold varies per call).
+        if args.calls > 0:
+            rc: dict[str, Any] = {}
+            thr_list = [0.05 + 0.5 * i / max(1, args.calls - 1) for i in range(args.calls)]
+            for name, qb in kernels:
+                if name == "flex" and qb == 64:
+                    continue
+                g0, t0 = _recompiles(), _triton_variants()
+                _sync()
+                w0 = time.perf_counter()
+                for thr in thr_list:
+                    _attn_fn(name, fast_mask(qt, kt, layout, thr, qb), scale, chosen)(qt, kt, vt)
+                _sync()
+                rc[f"{name}_q{qb}"] = {"calls": len(thr_list), "dynamo_new_graphs": _recompiles() - g0,
+                                       "triton_new_variants": _triton_variants() - t0,
+                                       "wall_s": time.perf_counter() - w0}
+            info["recompiles"] = rc
+            print("  recompiles over changing masks:", rc, flush=True)
+        result["shapes"][shape] = info
+        result["rows"] = [asdict(r) for r in rows]
+        if args.json:  # partial results survive a time-out
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        del qt, kt, vt, gout
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    result["rows"] = [asdict(r) for r in rows]
+    _print_table(result, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _print_table(result: dict[str, Any], rows: list[Row]) -> None:
+    print(f"\nNABLA attention vs cuDNN dense SDPA on {result['card']} ({result['dtype']}, D={result['head_dim']})")
+    hdr = (f"{'shape':14s} {'kernel':10s} {'dens':>5s} {'fwd ms':>7s} {'TFLOP/s':>7s} {'mask ms':>7s} "
+           f"{'fwd+m':>7s} {'x cuDNN':>7s} {'f+b+m':>8s} {'x cuDNN':>7s} {'ideal':>5s} {'maskMiB':>7s} {'1st s':>5s}")
+    print(hdr)
+    for r in rows:
+        fb = f"{r.fwdbwd_total_ms:8.1f}" if r.fwdbwd_total_ms else f"{'-':>8s}"
+        sb = f"{r.speedup_fwdbwd:7.2f}" if r.speedup_fwdbwd else f"{'-':>7s}"
+        print(f"{r.shape:14s} {r.kernel:10s} {r.density:5.3f} {r.fwd_ms:7.2f} {r.eff_tflops:7.0f} {r.mask_ms:7.2f} "
+              f"{r.fwd_total_ms:7.2f} {r.speedup_fwd:7.2f} {fb} {sb} {r.frac_ideal:5.2f} {r.mask_peak_mib:7.0f} "
+              f"{(r.compile_s or 0):5.1f}")
+    for s, info in result["shapes"].items():
+        print(f"{s}: cuDNN fwd {info['cudnn_fwd_ms']:.2f} ms ({info['cudnn_fwd_tflops']:.0f} TFLOP/s), "
+              f"fwd+bwd {info.get('cudnn_fwdbwd_ms', float('nan')):.2f} ms; eager mask (qb64, 10%) "
+              f"{info.get('eager_mask_ms_qb64', float('nan')):.2f} ms, peak {info.get('eager_mask_peak_mib', float('nan')):.0f} MiB")

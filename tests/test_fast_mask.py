@@ -1,0 +1,171 @@
+"""The fused Triton mask builder against the eager definition (masks.py), on the CPU through Triton's
+interpreter at small, odd sizes."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Triton's interpreter runs these kernels on the CPU, but only if TRITON_INTERPRET is set before
+# Triton is first imported in the process (its own library functions are defined at import). When
+# something imported Triton earlier, this file re-runs itself in a fresh interpreter process.
+_ON_CPU = not torch.cuda.is_available()
+_IN_PROCESS = True
+if _ON_CPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        _IN_PROCESS = False
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from nabla_attn import TokenLayout, VideoGrid, nabla_mask_tiled, sta_mask, tile  # noqa: E402
+from nabla_attn.masks import BlockSparseMask, compact_rows, pool_blocks  # noqa: E402
+
+DEVICE = "cpu" if _ON_CPU else "cuda"
+
+
+def test_in_fresh_process_when_triton_was_imported_first() -> None:
+    if _IN_PROCESS:
+        pytest.skip("running in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _only_in_process(request: pytest.FixtureRequest) -> None:
+    if not _IN_PROCESS and request.node.name != "test_in_fresh_process_when_triton_was_imported_first":
+        pytest.skip("runs in a fresh process (see test_in_fresh_process_when_triton_was_imported_first)")
+
+
+LAYOUT = TokenLayout(VideoGrid(3, 13, 22), 7)  # 2x3 tiles with ragged edges, 18 video + 1 text block
+
+
+def _qk(seed: int, B: int = 2, H: int = 1, D: int = 32, structured: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, LAYOUT.seq_len, D, generator=g)
+    k = torch.randn(B, H, LAYOUT.seq_len, D, generator=g)
+    if structured:  # a shared component makes the block maps far from uniform
+        common = torch.randn(1, H, LAYOUT.seq_len, D, generator=g)
+        q, k = q + 2 * common, k + 2 * common
+    return tile(q, LAYOUT).to(DEVICE), tile(k, LAYOUT).to(DEVICE)
+
+
+def _near_cut(q: torch.Tensor, k: torch.Tensor, threshold: float, tol: float = 1e-5) -> torch.Tensor:
+    """Video table entries whose float64 running sum lies within ``tol`` of the cut (may flip)."""
+    nv = LAYOUT.num_video_blocks
+    qa, ka = pool_blocks(q, LAYOUT)[:, :, :nv], pool_blocks(k, LAYOUT)[:, :, :nv]
+    p = torch.softmax((qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])).double(), -1)
+    s = (p.unsqueeze(-2) * (p.unsqueeze(-2) <= p.unsqueeze(-1))).sum(-1)  # S(P_j) = sum_{P_i <= P_j} P_i
+    near = (s - (1.0 - threshold)).abs() < tol
+    full = torch.zeros(*near.shape[:2], LAYOUT.num_blocks, LAYOUT.num_blocks, dtype=torch.bool, device=q.device)
+    full[..., :nv, :nv] = near
+    return full
+
+
+def _fast(q, k, threshold, window=None, query_block=64) -> BlockSparseMask:
+    from nabla_attn.kernels.mask_build import build_nabla_mask_fast
+
+    return build_nabla_mask_fast(q, k, LAYOUT, threshold, window, query_block=query_block)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 1.0])
+def test_fast_mask_matches_eager(threshold: float) -> None:
+    q, k = _qk(1)
+    fast, eager = _fast(q, k, threshold), nabla_mask_tiled(q, k, LAYOUT, threshold)
+    differ = fast.kept != eager.kept
+    assert not (differ & ~_near_cut(q, k, threshold)).any(), "fast mask differs away from the cut"
+    assert differ.float().mean() < 0.01
+    f128, e128 = _fast(q, k, threshold, query_block=128), nabla_mask_tiled(q, k, LAYOUT, threshold, query_block=128)
+    assert f128.kept.shape == e128.kept.shape == (2, 1, 10, 19)
+    if not differ.any():
+        assert torch.equal(f128.kept, e128.kept)
+
+
+@pytest.mark.parametrize("window", [(1, 3, 3), (3, 1, 5)])
+@pytest.mark.parametrize("query_block", [64, 128])
+def test_fast_mask_with_sta_and_text(window: tuple[int, int, int], query_block: int) -> None:
+    q, k = _qk(2)
+    fast = _fast(q, k, 0.5, window, query_block)
+    eager = nabla_mask_tiled(q, k, LAYOUT, 0.5, window, query_block=query_block)
+    assert torch.equal(fast.kept, eager.kept)
+    # Text rows and columns are always kept.
+    nv = LAYOUT.num_video_blocks
+    assert fast.kept[..., nv:].all()
+    if query_block == 64:
+        assert fast.kept[..., nv:, :].all()
+    # STA alone (threshold None) equals sta_mask.
+    sta = _fast(q, k, None, window, query_block)
+    assert torch.equal(sta.kept, sta_mask(LAYOUT.grid, window, 7, query_block=query_block, device=DEVICE).kept)
+
+
+def test_fast_mask_kv_lists_are_compact_rows() -> None:
+    q, k = _qk(3)
+    for qb in (64, 128):
+        m = _fast(q, k, 0.7, (1, 1, 3), qb)
+        counts, idx = m.kv_lists()  # written by the builder itself
+        ref_counts, ref_idx = compact_rows(m.kept)
+        assert torch.equal(counts, ref_counts)
+        for row in zip(*torch.nonzero(counts >= 0, as_tuple=True)):
+            n = int(counts[row])
+            assert torch.equal(idx[row][:n], ref_idx[row][:n])
+
+
+def test_fast_mask_ties_kept_together() -> None:
+    # Integer-valued q, k in {-1, 0, 1} make many equal block scores; k = 0 makes a whole row uniform.
+    g = torch.Generator().manual_seed(4)
+    q = torch.randint(-1, 2, (1, 2, LAYOUT.seq_len, 8), generator=g).float()
+    k = torch.randint(-1, 2, (1, 2, LAYOUT.seq_len, 8), generator=g).float()
+    k[:, 1] = 0.0
+    qt, kt = tile(q, LAYOUT).to(DEVICE), tile(k, LAYOUT).to(DEVICE)
+    for threshold in (0.3, 0.5, 0.8):
+        fast, eager = _fast(qt, kt, threshold), nabla_mask_tiled(qt, kt, LAYOUT, threshold)
+        differ = fast.kept != eager.kept
+        assert not (differ & ~_near_cut(qt, kt, threshold)).any()
+        assert fast.kept[:, 1].all(), "a uniform row is one tie: all kept"
+
+
+def test_fast_mask_nonfinite_rows_keep_everything() -> None:
+    q, k = _qk(5, B=1, H=1)
+    q[0, 0, 64 * 4 + 3] = float("nan")  # a token of video block 4
+    m = _fast(q, k, 0.3)
+    assert m.kept[0, 0, 4].all()
+    assert not m.kept[0, 0, 5].all()
+    assert torch.equal(m.kept, nabla_mask_tiled(q, k, LAYOUT, 0.3).kept)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_compact_table_grouped(transpose: bool) -> None:
+    from nabla_attn.kernels.mask_build import compact_table
+
+    g = torch.Generator().manual_seed(6)
+    kept = (torch.rand(2, 1, 19, 19, generator=g) < 0.3).to(DEVICE)
+    if transpose:
+        counts, idx = compact_table(kept, col_group=2, transpose=True, n_cols=10)
+        padded = torch.cat([kept, kept.new_zeros(2, 1, 1, 19)], 2)
+        grouped = padded.view(2, 1, 10, 2, 19).any(3).transpose(-1, -2)
+    else:
+        counts, idx = compact_table(kept, row_group=2)
+        padded = torch.cat([kept, kept.new_zeros(2, 1, 1, 19)], 2)
+        grouped = padded.view(2, 1, 10, 2, 19).any(3)
+    ref_counts, ref_idx = compact_rows(grouped)
+    assert torch.equal(counts, ref_counts)
+    for row in zip(*torch.nonzero(counts >= 0, as_tuple=True)):
+        n = int(counts[row])
+        assert torch.equal(idx[row][:n], ref_idx[row][:n])
+
+
+def test_fast_mask_rejects_bad_arguments() -> None:
+    q, k = _qk(7, B=1, H=1)
+    with pytest.raises(ValueError, match="threshold"):
+        _fast(q, k, 1.5)
+    with pytest.raises(ValueError, match="query_block"):
+        _fast(q, k, 0.5, query_block=96)
+    with pytest.raises(ValueError, match="tiled"):
+        _fast(q[:, :, :-64], k[:, :, :-64], 0.5)

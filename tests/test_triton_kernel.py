@@ -1,0 +1,157 @@
+"""Our Triton block-sparse attention kernel, forward and backward, against a float64 reference.
+
+On the CPU the kernels run through Triton's interpreter at small, odd sizes (3x13x22 video tokens +
+7 text tokens: ragged edge tiles, a partial text block, an odd number of 64-blocks).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Triton's interpreter must be switched on before Triton is first imported (see test_fast_mask.py);
+# if something imported Triton earlier, this file re-runs itself in a fresh process.
+_ON_CPU = not torch.cuda.is_available()
+_IN_PROCESS = True
+if _ON_CPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        _IN_PROCESS = False
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from nabla_attn import TokenLayout, VideoGrid, nabla_attention, tile  # noqa: E402
+from nabla_attn.backends.reference import reference_attention  # noqa: E402
+from nabla_attn.masks import BlockSparseMask  # noqa: E402
+
+DEVICE = "cpu" if _ON_CPU else "cuda"
+LAYOUT = TokenLayout(VideoGrid(3, 13, 22), 7)
+GRID = LAYOUT.grid
+
+
+def test_in_fresh_process_when_triton_was_imported_first() -> None:
+    if _IN_PROCESS:
+        pytest.skip("running in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def _only_in_process(request: pytest.FixtureRequest) -> None:
+    if not _IN_PROCESS and request.node.name != "test_in_fresh_process_when_triton_was_imported_first":
+        pytest.skip("runs in a fresh process (see test_in_fresh_process_when_triton_was_imported_first)")
+
+
+def _inputs(B: int, H: int, D: int, seed: int, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [tile(torch.randn(B, H, LAYOUT.seq_len, D, generator=g), LAYOUT).to(DEVICE, dtype) for _ in range(3)]
+
+
+def _random_mask(B: int, H: int, query_block: int, seed: int, density: float = 0.4) -> BlockSparseMask:
+    g = torch.Generator().manual_seed(seed)
+    nq = -(-LAYOUT.num_blocks // (query_block // 64))
+    kept = torch.rand(B, H, nq, LAYOUT.num_blocks, generator=g) < density
+    kept[0, 0, 1] = False  # an empty row: its output and gradients must be exactly 0
+    kept[..., 2, :] = True  # a full row (including the text block)
+    return BlockSparseMask(kept.to(DEVICE), LAYOUT, query_block)
+
+
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    valid = LAYOUT.valid_tokens(x.device)
+    x, y = x.detach().double()[..., valid, :], y.detach().double()[..., valid, :]
+    return float((x - y).norm() / y.norm())
+
+
+CONFIGS = {
+    "q128": (128, {}),
+    "q128_pair": (128, {"pair": True}),
+    "q64_tile64": (64, {"tile_m_for_64": 64}),
+    "q64_tile128_submask": (64, {"tile_m_for_64": 128}),
+    "q64_tma": (64, {"tma": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_forward_backward_matches_float64(name: str) -> None:
+    from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
+
+    query_block, cfg = CONFIGS[name]
+    B, H, D = (2, 1, 32) if name != "q128" else (1, 2, 16)
+    q, k, v = _inputs(B, H, D, seed=len(name))
+    mask = _random_mask(B, H, query_block, seed=3)
+    a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
+    out = triton_attention(a, b, c, mask, 0.3, KernelConfig(**cfg))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    a64, b64, c64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(a64, b64, c64, mask, 0.3)
+    ref.backward(grad.double())
+    # float32 with full-precision dots: errors at float32 rounding level.
+    for got, want in ((out, ref), (a.grad, a64.grad), (b.grad, b64.grad), (c.grad, c64.grad)):
+        assert _rel(got, want) < 2e-5
+    # Empty row: output and its query gradient are exactly 0 (not NaN).
+    rows = slice(query_block, 2 * query_block)
+    assert out[0, 0, rows].abs().max() == 0 and a.grad[0, 0, rows].abs().max() == 0
+
+
+def test_broadcast_head_mask_and_batch() -> None:
+    from nabla_attn.backends.triton_kernel import triton_attention
+
+    q, k, v = _inputs(2, 2, 16, seed=11)
+    mask = _random_mask(2, 1, 128, seed=4)  # one table per batch entry, shared by the heads
+    out = triton_attention(q, k, v, mask, 0.25)
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, 0.25)
+    assert _rel(out, ref) < 2e-5
+
+
+def test_half_precision_error_within_twice_pytorch() -> None:
+    """Flash-attention rule: our fp16 error <= 2x PyTorch's own fp16 masked attention error."""
+    from nabla_attn.backends.triton_kernel import triton_attention
+
+    q, k, v = _inputs(1, 2, 32, seed=12, dtype=torch.float16)
+    mask = _random_mask(1, 2, 64, seed=5)
+    out = triton_attention(q, k, v, mask, 1 / math.sqrt(32))
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(32))
+    # PyTorch's fp16 attention on the same masked problem, token mask built from the table.
+    kept = mask.kept[0].repeat_interleave(64, 1).repeat_interleave(64, 2) & LAYOUT.valid_tokens(DEVICE)
+    has = kept.any(-1, keepdim=True)
+    s = (q[0] @ k[0].transpose(-1, -2)) * (1 / math.sqrt(32))  # fp16 scores, as a fp16 SDPA would
+    p = torch.softmax(s.float().masked_fill(~kept, float("-inf")), -1).to(torch.float16)
+    torch_lowp = torch.where(has, p @ v[0], torch.zeros_like(v[0]))[None]
+    valid = LAYOUT.valid_tokens(DEVICE)
+    err = (out.double() - ref)[..., valid, :].abs().max()
+    err_torch = (torch_lowp.double() - ref)[..., valid, :].abs().max()
+    assert torch.isfinite(out).all()
+    assert err <= 2 * err_torch, (float(err), float(err_torch))
+
+
+def test_nabla_attention_triton_backend_end_to_end() -> None:
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, LAYOUT.seq_len, 16, generator=g).to(DEVICE) for _ in range(3))
+    out, mask = nabla_attention(q, k, v, GRID, 0.6, (1, 3, 3), text_tokens=7, backend="triton",
+                                query_block=128, return_mask=True)
+    ref = nabla_attention(q.double(), k.double(), v.double(), GRID, mask=mask, text_tokens=7, backend="reference")
+    assert float((out.double() - ref).norm() / ref.norm()) < 2e-5
+
+
+def test_check_supported_reasons() -> None:
+    from nabla_attn.backends.triton_kernel import check_supported
+
+    assert check_supported(torch.zeros(1, 1, 64, 32, device=DEVICE)) is None
+    assert "dtype" in check_supported(torch.zeros(1, 1, 64, 32, device=DEVICE, dtype=torch.float64))
+    assert "head_dim 48" in check_supported(torch.zeros(1, 1, 64, 48, device=DEVICE))
+
+
+def test_rejects_mismatched_mask() -> None:
+    from nabla_attn.backends.triton_kernel import triton_attention
+
+    q, k, v = _inputs(1, 3, 16, seed=14)
+    with pytest.raises(ValueError, match="batch x heads"):
+        triton_attention(q, k, v, _random_mask(1, 2, 64, seed=6), 0.25)
