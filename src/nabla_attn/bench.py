@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--flex-all-shapes", action="store_true",
+                        help="FlexAttention at every shape (default: the first shape only; each shape compiles anew)")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--quick", action="store_true", help="first shape, 10%% density, fewer extras")
     parser.add_argument("--variants", action="store_true", help="also sweep Triton kernel configs at 10%%")
@@ -450,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
             result["config"] = asdict(chosen)
             print("  chosen config:", asdict(chosen), flush=True)
         kernels = [("triton", 128), ("triton", 64)]
-        if not args.no_flex:
+        if not args.no_flex and (args.flex_all_shapes or shape == shapes[0]):
             kernels += [("flex", 128), ("flex", 64)]
         for dens in densities:
             masks = {qb: threshold_for_density(qt, kt, layout, dens, qb) for qb in (128, 64)}
