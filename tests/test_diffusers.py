@@ -208,13 +208,14 @@ def test_missing_diffusers_gives_install_hint(monkeypatch: pytest.MonkeyPatch) -
         apply_nabla(torch.nn.Linear(2, 2))
 
 
-def test_torch_compile_no_recompiles_across_steps() -> None:
+@pytest.mark.parametrize("tiling", ["layer", "forward"])
+def test_torch_compile_no_recompiles_across_steps(tiling: str) -> None:
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     model, inputs = FACTORIES["wan"]()
-    handle = apply_nabla(model, NablaConfig(threshold=0.5, dense_steps=1))
+    handle = apply_nabla(model, NablaConfig(threshold=0.5, dense_steps=1, tiling=tiling))
     compiled = torch.compile(model)
     graphs = []
     with torch.no_grad():
@@ -259,3 +260,43 @@ def test_wan_i2v_and_ti2v_variants() -> None:
             remove_nabla(handle)
             assert _close(nabla, dense)
     assert handle._session.last_timestep == 700.0
+
+
+@pytest.mark.parametrize("grid", [(3, 10, 18), (2, 8, 16)])
+def test_wan_forward_tiling_matches_per_layer_tiling(grid: tuple[int, int, int]) -> None:
+    from nabla_attn.diffusers._core import state_of
+
+    model, inputs = FACTORIES["wan"](batch=2, frames=grid[0], height=grid[1], width=grid[2])
+    outs, tiled = {}, {}
+    with torch.no_grad():
+        for tiling in ("layer", "forward", "auto"):
+            handle = apply_nabla(model, NablaConfig(threshold=0.5, tiling=tiling))
+            outs[tiling] = run(model, inputs)
+            tiled[tiling] = state_of(model).tiled
+            assert len(handle.stats().last) == 2
+            remove_nabla(handle)
+    # Same masks, same kernels, only where the permutation happens: identical outputs.
+    assert torch.allclose(outs["forward"], outs["layer"], atol=1e-6, rtol=0)
+    assert tiled["forward"] and not tiled["layer"]
+    assert tiled["auto"] == (grid[1] % 8 == 0 and grid[2] % 8 == 0)  # auto: only where nothing is padding
+
+
+def test_wan_forward_tiling_backward_with_checkpointing() -> None:
+    model, inputs = FACTORIES["wan"]()
+    model.train()
+    model.enable_gradient_checkpointing()
+
+    def grads() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        run(model, inputs).square().mean().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    dense = grads()
+    handle = apply_nabla(model, NablaConfig(threshold=1.0, tiling="forward"))
+    nabla = grads()
+    remove_nabla(handle)
+    assert (nabla - dense).norm() <= 1e-5 * dense.norm()
+    with pytest.raises(ValueError, match="WanTransformer3DModel only"):
+        apply_nabla(FACTORIES["ltx_video"]()[0], NablaConfig(tiling="forward"))
+    with pytest.raises(ValueError, match="exclude_layers"):
+        apply_nabla(model, NablaConfig(tiling="forward", exclude_layers=(0,)))

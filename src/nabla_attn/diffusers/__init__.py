@@ -109,16 +109,23 @@ class NablaHandle:
 
     def set_grid(self, grid: VideoGrid, sparse: bool = True) -> None:
         """Tell the processors the latent grid when calling transformer blocks directly (benchmarks):
-        the transformer's forward normally records it."""
-        from ._core import state_of
+        the transformer's forward normally records it. With forward-level tiling active (see
+        ``NablaConfig.tiling``) the blocks then expect tiled hidden states, except the first, which tiles."""
+        from ._core import configure_forward, state_of
 
         if not isinstance(grid, VideoGrid):
             raise TypeError(f"grid must be a nabla_attn.VideoGrid, got {type(grid).__name__}")
         for model in self.models:
             state = state_of(model)
             if state is not None:
-                state.grid = grid
-                state.sparse_now = sparse
+                configure_forward(state, grid, sparse, next(model.parameters()).device)
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the last forward kept the hidden states tiled across blocks (``tiling``)."""
+        from ._core import state_of
+
+        return any(getattr(state_of(m), "tiled", False) for m in self.models)
 
     def stats(self) -> NablaStats:
         return nabla_stats(self.models)

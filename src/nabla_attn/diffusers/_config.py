@@ -28,11 +28,16 @@ class NablaConfig:
             prefixes of them (``"single_transformer_blocks"``).
         query_block: 64 (the paper's blocks) or 128 (pairs of tiles per query block; faster kernels).
         backend: ``nabla_attention`` backend: "auto", "triton", "flex" or "reference".
+        tiling: where tokens are permuted into NABLA's tiled order. "layer": q, k, v in every
+            self-attention layer (and the output back). "forward" (Wan only): the hidden states, RoPE
+            tables and per-token modulation once before the first block, back after the last, so
+            every block runs on the tiled sequence, padding slots of edge tiles included. "auto":
+            "forward" where it saves work, i.e. on Wan when the grid needs no padding (height and
+            width multiples of 8 tokens), no layer is excluded and the step is sparse; else "layer".
+            docs/diffusers.md gives the measured trade-off.
         collect_stats: record each layer's kept block density (read with ``nabla_stats``).
 
-    q, k and v are permuted into NABLA's tiled order inside each layer (``nabla_attention`` with
-    ``layout="natural"``); docs/diffusers.md gives the measured cost and why the hidden states are not
-    kept tiled across layers. Text tokens need no setting: HunyuanVideo (text after video) and CogVideoX (text before video)
+    Text tokens need no setting: HunyuanVideo (text after video) and CogVideoX (text before video)
     are handled from the model's own inputs; text blocks are always fully attended.
     """
 
@@ -42,6 +47,7 @@ class NablaConfig:
     exclude_layers: tuple[LayerSelector, ...] = ()
     query_block: int = 64
     backend: Literal["auto", "reference", "flex", "triton"] = "auto"
+    tiling: Literal["auto", "layer", "forward"] = "auto"
     collect_stats: bool = True
 
     def __post_init__(self) -> None:
@@ -67,3 +73,5 @@ class NablaConfig:
             raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {self.query_block!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.tiling not in ("auto", "layer", "forward"):
+            raise ValueError(f"tiling must be 'auto', 'layer' or 'forward', got {self.tiling!r}")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..attention import nabla_attention
-from ..grid import VideoGrid
+from ..grid import TILE, TokenLayout, VideoGrid
 from ._config import NablaConfig
 
 log = logging.getLogger("nabla_attn.diffusers")
@@ -65,6 +65,12 @@ class _ModelState:
     grid: VideoGrid | None = None
     batch: int = 0
     sparse_now: bool = True
+    # Forward-level tiling (tiling="forward"/"auto"): set per forward by the pre-hook.
+    tiled: bool = False
+    layout: TokenLayout | None = None
+    gather: torch.Tensor | None = None
+    scatter: torch.Tensor | None = None
+    index_cache: dict[tuple[TokenLayout, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     originals: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     last: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -98,6 +104,9 @@ class Family:
     read_inputs: Callable[[torch.nn.Module, inspect.BoundArguments], tuple[VideoGrid, int, float | None]]
     processor_class: type
     original_processor_names: tuple[str, ...]
+    # Installs the hooks that keep hidden states tiled from the first block to the last (returns
+    # their handles); None where the family tiles per layer only.
+    install_forward_tiling: Callable[[torch.nn.Module, "_ModelState"], list[Any]] | None = None
 
 
 class NablaProcessorBase:
@@ -125,13 +134,15 @@ class NablaProcessorBase:
                 f"{self.name}: NABLA does not know the video grid. Call the transformer itself (its forward "
                 "records the grid), or set it with NablaHandle.set_grid(VideoGrid(...)) before calling blocks directly."
             )
+        if state.tiled:
+            return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record, "tiled")
         expected = grid.num_tokens + text_tokens
         if q.shape[2] != expected:
             raise ValueError(
                 f"{self.name}: self-attention sees {q.shape[2]} tokens, but the transformer's inputs give a "
                 f"{grid.frames}x{grid.height}x{grid.width} grid ({grid.num_tokens} video tokens) + {text_tokens} text tokens"
             )
-        return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record)
+        return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record, "natural")
 
 
 # Under torch.compile the NABLA op runs outside the graph: its layout caches, backend choice and
@@ -142,13 +153,13 @@ class NablaProcessorBase:
 @torch._dynamo.disable
 def _sparse_eager(
     proc: NablaProcessorBase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    grid: VideoGrid, text_tokens: int, text_position: str, record: bool,
+    grid: VideoGrid, text_tokens: int, text_position: str, record: bool, layout: str,
 ) -> torch.Tensor:  # fmt: skip
     state = proc.state
     cfg = state.session.config
     out, mask = nabla_attention(
         q, k, v, grid, cfg.threshold, cfg.sta_window, text_tokens, text_position,
-        backend=cfg.backend, query_block=cfg.query_block, return_mask=True,
+        backend=cfg.backend, query_block=cfg.query_block, layout=layout, return_mask=True,
     )  # fmt: skip
     if cfg.collect_stats:
         density = mask.kept.float().mean()
@@ -196,14 +207,54 @@ def _make_pre_hook(state: _ModelState) -> Callable:
         grid, batch, timestep = state.family.read_inputs(model, bound)
         session = state.session
         session.observe(timestep)
-        state.grid = grid
         state.batch = batch
         sparse = session.step >= session.config.dense_steps
-        # Reassign only on change: torch.compile guards on this bool (one recompile at the switch).
-        if state.sparse_now != sparse:
-            state.sparse_now = sparse
+        configure_forward(state, grid, sparse, bound.arguments["hidden_states"].device)
 
     return pre_hook
+
+
+def configure_forward(state: _ModelState, grid: VideoGrid, sparse: bool, device: torch.device) -> None:
+    """Set what the processors and tiling hooks read during one forward."""
+    state.grid = grid
+    # Reassign only on change: torch.compile guards on these bools (one recompile at a switch).
+    if state.sparse_now != sparse:
+        state.sparse_now = sparse
+    tiled = forward_tiling_wanted(state, grid, sparse)
+    if tiled:
+        state.layout = TokenLayout(grid)
+        state.gather, state.scatter = _indices(state, state.layout, device)
+    if state.tiled != tiled:
+        state.tiled = tiled
+
+
+def forward_tiling_wanted(state: _ModelState, grid: VideoGrid, sparse: bool) -> bool:
+    """Tile once per forward? Only on sparse steps with every layer patched (a dense original
+    processor would attend to padding slots), and for "auto" only where no slot is padding."""
+    cfg = state.session.config
+    if cfg.tiling == "layer" or state.family.install_forward_tiling is None or not sparse or cfg.exclude_layers:
+        return False
+    return cfg.tiling == "forward" or (grid.height % TILE == 0 and grid.width % TILE == 0)
+
+
+def _indices(state: _ModelState, layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # One tensor object per (layout, device): compiled graphs see the same input every step.
+    key = (layout, str(device))
+    if key not in state.index_cache:
+        state.index_cache.clear()
+        state.index_cache[key] = (layout.gather_index(device), layout.scatter_index(device))
+    return state.index_cache[key]
+
+
+def tile_tokens(x: torch.Tensor, gather: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Natural -> tiled order along ``dim`` (padding slots are zeros)."""
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, 1]
+    return torch.nn.functional.pad(x, pad).index_select(dim, gather)
+
+
+def untile_tokens(x: torch.Tensor, scatter: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Tiled -> natural order along ``dim`` (padding slots dropped)."""
+    return x.index_select(dim, scatter)
 
 
 def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _ModelState:
@@ -229,6 +280,10 @@ def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _M
                 f"{', '.join(family.original_processor_names)} (reset it with model.set_default_attn_processor() or remove the custom processor)"
             )
 
+    if cfg.tiling == "forward" and family.install_forward_tiling is None:
+        raise ValueError(f"tiling='forward' is implemented for WanTransformer3DModel only, not {type(model).__name__}; use 'auto' or 'layer'")
+    if cfg.tiling == "forward" and cfg.exclude_layers:
+        raise ValueError("tiling='forward' cannot be combined with exclude_layers (a dense layer would see padding slots)")
     state = _ModelState(session=session, family=family, sparse_now=cfg.dense_steps == 0)
     for index, (name, module) in enumerate(layers):
         if _layer_selected(index, name, cfg.exclude_layers):
@@ -237,6 +292,8 @@ def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _M
         state.originals[name] = (module, original)
         module.set_processor(family.processor_class(original, state, name))
     state.handles.append(model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
+    if family.install_forward_tiling is not None and cfg.tiling != "layer":
+        state.handles.extend(family.install_forward_tiling(model, state))
     _STATES[model] = state
     return state
 

@@ -10,7 +10,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 
 from ..grid import VideoGrid
-from ._core import Family, NablaProcessorBase, timestep_value
+from ._core import Family, NablaProcessorBase, _ModelState, tile_tokens, timestep_value, untile_tokens
 
 
 def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,49 @@ def _read_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple
     return grid, x.shape[0], timestep_value(bound.arguments.get("timestep"))
 
 
+def _install_forward_tiling(model: torch.nn.Module, state: _ModelState) -> list[Any]:
+    """Tile the first block's hidden states [B, S, C] and every block's RoPE tables [1, S, 1, D]
+    (and Wan 2.2 TI2V's per-token modulation [B, S, 6, C]), and untile the last block's output, so
+    all blocks run on the tiled sequence. Padding slots carry zero RoPE, so their q and k are exactly 0
+    (as NABLA's block means require); their other activations are never read and are dropped at the end."""
+    first, last = model.blocks[0], model.blocks[-1]
+    signature = inspect.signature(first.forward)
+
+    def make_hook(tile_hidden: bool) -> Any:
+        # A hook per role rather than an ``is first`` test: module identity is not reliable under dynamo.
+        def hook(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            return tile_inputs(args, kwargs, tile_hidden)
+
+        return hook
+
+    def tile_inputs(args: tuple, kwargs: dict, tile_hidden: bool) -> tuple[tuple, dict] | None:
+        if not state.tiled:
+            return None
+        bound = signature.bind(*args, **kwargs)
+        a = bound.arguments
+        g = state.gather
+        if tile_hidden:  # later blocks receive the tiled output of the one before
+            a["hidden_states"] = tile_tokens(a["hidden_states"], g)
+        # The transformer passes the same natural-order RoPE tables / modulation to every block:
+        # permute them per block (small next to the hidden states: [S, head_dim] fp32).
+        if a.get("rotary_emb") is not None:
+            a["rotary_emb"] = tuple(tile_tokens(t, g) for t in a["rotary_emb"])
+        if a["temb"].dim() == 4:  # per-token timestep projection (TI2V)
+            a["temb"] = tile_tokens(a["temb"], g)
+        return (), dict(a)
+
+    def untile_output(block: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if not state.tiled:
+            return None
+        return untile_tokens(output, state.scatter)
+
+    handles = [
+        block.register_forward_pre_hook(make_hook(i == 0), with_kwargs=True) for i, block in enumerate(model.blocks)
+    ]
+    handles.append(last.register_forward_hook(untile_output, with_kwargs=True))
+    return handles
+
+
 FAMILY = Family(
     name="wan",
     model_class=WanTransformer3DModel,
@@ -75,4 +118,5 @@ FAMILY = Family(
     read_inputs=_read_inputs,
     processor_class=WanNablaProcessor,
     original_processor_names=("WanAttnProcessor",),
+    install_forward_tiling=_install_forward_tiling,
 )
