@@ -257,3 +257,34 @@ def test_xfuser_processor_matches_nabla_attention() -> None:
     with pytest.raises(ValueError, match="causal"):
         fn(q, k, v, causal=True)
 
+
+
+_FUSED_CHECK = """
+import math, os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from nabla_attn import TokenLayout, VideoGrid
+from nabla_attn.distributed.ulysses import _eager_tables, _tables_fast
+for grid, text, pos, thr, win, qb in [((3, 13, 22), 7, "end", 0.5, None, 64), ((2, 9, 17), 5, "start", 0.3, (1, 3, 3), 128)]:
+    lay = TokenLayout(VideoGrid(*grid), text, pos)
+    g = torch.Generator().manual_seed(0)
+    qa, ka = (torch.randn(2, 3, lay.num_video_blocks, 16, generator=g) * 2 for _ in range(2))
+    scores = qa @ ka.transpose(-1, -2) / math.sqrt(16)
+    fast = _tables_fast(scores, lay, thr, win, qb)
+    assert fast is not None, "fused kernel did not run"
+    assert torch.equal(fast, _eager_tables(scores, lay, thr, win, qb)), (grid, qb)
+print("ok")
+"""
+
+
+def test_fused_tables_from_means_match_eager() -> None:
+    # On CUDA the Ulysses path builds tables from gathered means with the fused Triton row kernel;
+    # here the same kernel runs under Triton's CPU interpreter (in a subprocess: the interpreter
+    # switch is process-wide) and must give the eager tables.
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

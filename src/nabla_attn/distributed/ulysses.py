@@ -197,12 +197,76 @@ def _tables_from_means(
     query_block: int,
     head_dim: int,
 ) -> torch.Tensor:
-    """NABLA's block table from block means, the same steps as :func:`nabla_attn.nabla_mask_tiled`."""
+    """NABLA's block table from block means, the same steps as :func:`nabla_attn.nabla_mask_tiled`.
+
+    On CUDA this uses the fused Triton row kernel of :mod:`nabla_attn.kernels.mask_build` (the one
+    ``nabla_mask_tiled`` uses there), so one GPU and many GPUs select blocks by the same rule; on
+    CPU, or if that kernel cannot run, the eager definition.
+    """
     scores = qa @ ka.transpose(-1, -2) / math.sqrt(head_dim)
+    if scores.is_cuda:
+        kept = _tables_fast(scores, layout, threshold, window, query_block)
+        if kept is not None:
+            return kept
+    return _eager_tables(scores, layout, threshold, window, query_block)
+
+
+def _eager_tables(
+    scores: torch.Tensor, layout: TokenLayout, threshold: float, window: tuple[int, int, int] | None, query_block: int
+) -> torch.Tensor:
     video = cdf_keep(torch.softmax(scores, dim=-1), threshold)
     if window is not None:
-        video = video | _sta_video(layout.grid, window, qa.device)
+        video = video | _sta_video(layout.grid, window, scores.device)
     return _group_rows(_with_text(video, layout), query_block)
+
+
+_fast_failed: list[str] = []
+
+
+def _tables_fast(
+    scores: torch.Tensor, layout: TokenLayout, threshold: float, window: tuple[int, int, int] | None, query_block: int
+) -> torch.Tensor | None:
+    """The fused row kernel on precomputed scores ``[B, H, Nv, Nv]``; None where it is unavailable."""
+    if _fast_failed:
+        return None
+    try:
+        import triton
+
+        from ..kernels.mask_build import _nabla_rows_kernel
+    except Exception as exc:  # Triton or the kernel module missing: eager path
+        _fast_failed.append(repr(exc))
+        return None
+    try:
+        from ..grid import BLOCK_TOKENS
+
+        scores = scores.contiguous()
+        B, H = scores.shape[:2]
+        nv, nb = layout.num_video_blocks, layout.num_blocks
+        group = query_block // BLOCK_TOKENS
+        nq = -(-nb // group)
+        kept = torch.empty(B, H, nq, nb, dtype=torch.bool, device=scores.device)
+        unused = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=scores.device)
+        cut = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
+        wt, wr, wc = (w // 2 for w in window) if window is not None else (0, 0, 0)
+        _, tr, tc = layout.grid.block_grid
+        block = triton.next_power_of_2(nb)
+        _nabla_rows_kernel[(nq, B * H)](
+            scores, kept.view(torch.uint8), unused, unused,
+            scores.stride(0), scores.stride(1), scores.stride(2),
+            kept.stride(0), kept.stride(1), kept.stride(2),
+            unused.stride(0), unused.stride(1),
+            unused.stride(0), unused.stride(1), unused.stride(2),
+            H, nv, nb, nq, cut, wt, wr, wc, tr, tc,
+            HAS_THR=True, HAS_STA=window is not None, GROUP=group,
+            WRITE_LISTS=False, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+        return kept
+    except Exception as exc:  # an API change in the kernel module must not break the op
+        import logging
+
+        logging.getLogger("nabla_attn").warning("fused mask kernel unavailable (%r); using the eager tables", exc)
+        _fast_failed.append(repr(exc))
+        return None
 
 
 def _all_gather_heads(kept: torch.Tensor, counts: Sequence[int], group: ProcessGroup | None) -> torch.Tensor:
