@@ -71,10 +71,10 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 CONFIGS = {
     "q128": (128, {}),
-    "q128_pair": (128, {"pair": True}),
+    "q128_pair_bwd128": (128, {"pair": True, "bwd_tile_m": 128}),
     "q64_tile64": (64, {"tile_m_for_64": 64}),
-    "q64_tile128_submask": (64, {"tile_m_for_64": 128}),
-    "q64_tma": (64, {"tma": True}),
+    "q64_tile128_submask_bwd128": (64, {"tile_m_for_64": 128, "bwd_tile_m": 128}),
+    "q64_tma": (64, {"tma": True, "tile_m_for_64": 128}),
 }
 
 

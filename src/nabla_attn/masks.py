@@ -204,6 +204,15 @@ def sta_mask(
     return BlockSparseMask(_group_rows(kept, _check_query_block(query_block)), layout, query_block)
 
 
+def _fast_builder():  # type: ignore[no-untyped-def]
+    """The fused Triton builder (``kernels/mask_build.py``) where Triton imports, else None."""
+    try:
+        from .kernels.mask_build import build_nabla_mask_fast
+    except ImportError:
+        return None
+    return build_nabla_mask_fast
+
+
 def nabla_mask_tiled(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,6 +228,10 @@ def nabla_mask_tiled(
     _check_query_block(query_block)
     if threshold is None and win is None:
         raise ValueError("nabla_mask needs a threshold, an sta_window, or both")
+    # --- fast path (issue 3): on CUDA the fused Triton builder computes this same table. ---
+    if q.is_cuda and (fast := _fast_builder()) is not None:
+        return fast(q, k, layout, threshold, win, query_block=query_block)
+    # --- end fast path ---
     nv = layout.num_video_blocks
     with torch.no_grad():
         if threshold is None:
