@@ -170,7 +170,7 @@ def dense_ulysses(q, k, v, world: int, group, timer: PhaseTimer | None) -> torch
     if timer:
         timer.start("all_to_all")
     x = torch.stack([q, k, v], dim=2).transpose(0, 1)  # [H, B, 3, n, D]
-    recv = all_to_all_rows(x, heads, [hr] * world, group)  # [world*hr, B, 3, n, D]
+    (recv,) = all_to_all_rows([x], heads, [hr] * world, group)  # [world*hr, B, 3, n, D]
     recv = recv.view(world, hr, B, 3, n, D).permute(3, 2, 1, 0, 4, 5).reshape(3, B, hr, world * n, D)
     if timer:
         timer.start("attention")
@@ -178,7 +178,7 @@ def dense_ulysses(q, k, v, world: int, group, timer: PhaseTimer | None) -> torch
     if timer:
         timer.start("all_to_all")
     o = o.view(B, hr, world, n, D).permute(2, 1, 0, 3, 4).reshape(world * hr, B, n, D)
-    back = all_to_all_rows(o, [hr] * world, heads, group)  # [H, B, n, D]
+    (back,) = all_to_all_rows([o], [hr] * world, heads, group)  # [H, B, n, D]
     return back.transpose(0, 1)
 
 

@@ -1,4 +1,4 @@
-"""Ulysses NABLA on 2 and 3 gloo processes equals single-process nabla_attention (outputs, gradients, masks).
+"""Ulysses NABLA on 1, 2 and 3 gloo processes equals single-process nabla_attention (outputs, gradients, masks).
 
 Each world size is one spawn running every case (process start-up dominates the cost). Workers
 write their local outputs, gradients and decisions to files; the parent computes the single-process
@@ -162,7 +162,7 @@ def _spawn(world: int, tmp: Path) -> Path:
     return outdir
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=["world1", "world2", "world3"])
 def world_results(request, tmp_path_factory) -> tuple[int, Path]:
     world = request.param
     return world, _spawn(world, tmp_path_factory.mktemp(f"ulysses{world}"))

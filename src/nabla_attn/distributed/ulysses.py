@@ -109,13 +109,13 @@ def _check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def _index_maps(layout: TokenLayout, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tiled_from_chunks, chunks_from_tiled)`` int64 index vectors.
+def _slot_maps(layout: TokenLayout, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where tokens sit when the all-to-all delivers the sequence as ``P`` chunks of ``c = max(sizes)`` slots.
 
-    The all-to-all delivers the sequence as ``P`` chunks of ``c = max(sizes)`` slots (chunk p holds
-    natural tokens ``offset_p ...`` then padding). ``tiled_from_chunks[t]`` is the chunk slot of tiled
-    position t, or ``P * c`` (an appended zero row) for tiled padding. ``chunks_from_tiled[j]`` is the
-    tiled position of chunk slot j, or ``tiled_len`` (an appended zero row) for chunk padding.
+    Chunk p holds natural tokens ``offset_p .. offset_p + sizes[p] - 1``, then padding. Returns
+    ``slot_of_tiled`` (int64 ``[tiled_len]``: the chunk slot ``p * c + j`` of each tiled position,
+    -1 for tiled padding), ``tiled_of_slot`` (int64 ``[P * c]``: the tiled position of each slot, -1
+    for chunk padding) and ``slot_valid`` (bool ``[P, c]``).
     """
     P, c, S = len(sizes), max(sizes), layout.seq_len
     slot_of_natural = torch.empty(S, dtype=torch.int64)
@@ -127,25 +127,43 @@ def _index_maps(layout: TokenLayout, sizes: tuple[int, ...]) -> tuple[torch.Tens
         offset += n
     gather = layout.gather_index()  # tiled -> natural (S = padding)
     scatter = layout.scatter_index()  # natural -> tiled
-    padded_slots = torch.cat([slot_of_natural, torch.tensor([P * c])])
-    tiled_from_chunks = padded_slots[gather]
-    padded_tiled = torch.cat([scatter, torch.tensor([layout.tiled_len])])
-    chunks_from_tiled = padded_tiled[natural_of_slot]
-    return tiled_from_chunks, chunks_from_tiled
+    slot_of_tiled = torch.cat([slot_of_natural, torch.tensor([-1])])[gather]
+    tiled_of_slot = torch.cat([scatter, torch.tensor([-1])])[natural_of_slot]
+    return slot_of_tiled, tiled_of_slot, (natural_of_slot < S).view(P, c)
 
 
-_device_maps: dict[tuple[TokenLayout, tuple[int, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+_device_gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _maps_on(layout: TokenLayout, sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (layout, sizes, str(device))
-    hit = _device_maps.get(key)
-    if hit is None:
-        a, b = _index_maps(layout, sizes)
-        hit = (a.to(device), b.to(device))
-        if len(_device_maps) > 64:
-            _device_maps.clear()
-        _device_maps[key] = hit
+def _gathers_on(
+    layout: TokenLayout, sizes: tuple[int, ...], h_r: int, batch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices of the two gathers around the attention, cached per shape and device.
+
+    ``gather_in`` reads the received buffer ``[P, h_r, B, c]`` rows (plus a zero slab of ``B * c``
+    rows at the end) into ``[B, h_r, tiled_len]`` order; ``gather_out`` reads the attention output
+    ``[B, h_r, tiled_len]`` rows into send order ``[P, h_r, B, c]``.
+    """
+    key = (layout, sizes, h_r, batch, str(device))
+    hit = _device_gathers.get(key)
+    if hit is not None:
+        return hit
+    slot_of_tiled, tiled_of_slot, slot_valid = _slot_maps(layout, sizes)
+    P, c, T, B = len(sizes), max(sizes), layout.tiled_len, batch
+    b = torch.arange(B).view(B, 1, 1)
+    h = torch.arange(h_r).view(1, h_r, 1)
+    p_t, j_t = slot_of_tiled // c, slot_of_tiled % c  # [T]
+    rows_in = ((p_t * h_r + h) * B + b) * c + j_t  # [B, h_r, T]
+    zero_row = P * h_r * B * c
+    gather_in = torch.where(slot_of_tiled >= 0, rows_in, torch.full_like(rows_in, zero_row)).reshape(-1)
+    tiled = tiled_of_slot.clamp(min=0).view(P, 1, 1, c)
+    h4 = torch.arange(h_r).view(1, h_r, 1, 1)
+    b4 = torch.arange(B).view(1, 1, B, 1)
+    gather_out = ((b4 * h_r + h4) * T + tiled).reshape(-1)  # [P, h_r, B, c]
+    hit = (gather_in.to(device), gather_out.to(device), slot_valid.to(device))
+    if len(_device_gathers) > 64:
+        _device_gathers.clear()
+    _device_gathers[key] = hit
     return hit
 
 
@@ -405,42 +423,32 @@ def ulysses_nabla_attention(
     local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
 
     # ---- all-to-all: sequence shards -> full sequence for own heads, in tiled order -------------
+    # Copies are the cost here (a full-sequence q, k, v for a rank's heads is ~1 GB at Wan 14B
+    # 720p on 2 GPUs), so each tensor makes one all-to-all with no send-side copy when the heads
+    # keep their order and batch is 1, and lands in tiled order through one gather.
     if timer is not None:
         timer.start("all_to_all")
     perm = [h for heads in assignment for h in heads]
-    identity = perm == list(range(H))
-    perm_idx = None if identity else torch.tensor(perm, device=q.device)
+    perm_idx = None if perm == list(range(H)) else torch.tensor(perm, device=q.device)
     h_r = len(local_heads)
     send_rows = [len(a) for a in assignment]
-    tiled_from_chunks, chunks_from_tiled = _maps_on(layout, tuple(sizes), q.device)
+    gather_in, gather_out, slot_valid = _gathers_on(layout, tuple(sizes), h_r, B, q.device)
 
-    def to_chunks(x: torch.Tensor) -> torch.Tensor:
-        # Own valid tokens, padded to c slots, heads reordered by destination rank.
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        # Own valid tokens, padded to c slots, heads grouped by destination rank; rows = heads.
         x = x[:, :, :n_r]
         if n_r < c:
             x = F.pad(x, (0, 0, 0, c - n_r))
-        return x if perm_idx is None else x.index_select(1, perm_idx)
+        if perm_idx is not None:
+            x = x.index_select(1, perm_idx)
+        return x.transpose(0, 1)
 
-    def from_chunks(recv: torch.Tensor, parts: int) -> list[torch.Tensor]:
-        # recv [P * h_r, B, parts, c, d] (by source rank) -> per part tiled [B, h_r, tiled_len, d].
-        d = recv.shape[-1]
-        # One copy reorders (rank, head) -> (head, rank) and leaves a zero row at the end for the
-        # tiled layout's padding slots; a second (the gather) puts the tokens in tiled order.
-        buf = recv.new_zeros(parts, B, h_r, P * c + 1, d)
-        buf[:, :, :, : P * c].view(parts, B, h_r, P, c, d).copy_(recv.view(P, h_r, B, parts, c, d).permute(3, 2, 1, 0, 4, 5))
-        return list(buf.index_select(-2, tiled_from_chunks).unbind(0))
-
-    packed = v.shape[-1] == D
-    if packed:
-        # One all-to-all for q, k and v: [B, H, 3, c, D] -> heads first.
-        stacked = torch.stack([to_chunks(q), to_chunks(k), to_chunks(v)], dim=2).transpose(0, 1)
-        recv = all_to_all_rows(stacked, send_rows, [h_r] * P, group)
-        qt, kt, vt = from_chunks(recv, 3)
-    else:
-        qk = torch.stack([to_chunks(q), to_chunks(k)], dim=2).transpose(0, 1)
-        qt, kt = from_chunks(all_to_all_rows(qk, send_rows, [h_r] * P, group), 2)
-        vv = to_chunks(v).unsqueeze(2).transpose(0, 1)
-        (vt,) = from_chunks(all_to_all_rows(vv, send_rows, [h_r] * P, group), 1)
+    recv = all_to_all_rows([heads_first(x) for x in (q, k, v)], send_rows, [h_r] * P, group, zero_rows=1)
+    # Each received buffer: [P*h_r + 1, B, c, d] by (source rank, head), then a zero slab that the
+    # gather reads for the tiled layout's padding slots.
+    qt, kt, vt = (
+        r.view(-1, r.shape[-1]).index_select(0, gather_in).view(B, h_r, layout.tiled_len, r.shape[-1]) for r in recv
+    )
 
     # ---- attention over the full sequence for own heads ------------------------------------------
     if timer is not None:
@@ -451,19 +459,22 @@ def ulysses_nabla_attention(
             mask=local_mask, backend=backend, layout="tiled", query_block=query_block, scale=scale,
         )  # fmt: skip
     else:
-        out_t = vt  # [B, 0, tiled_len, Dv]: nothing to attend; keeps autograd connected
+        out_t = vt  # [B, 0, tiled_len, Dv]: nothing to attend (the all-to-all node stays in the graph)
 
     # ---- all-to-all back: own heads over the full sequence -> all heads over own shard -----------
     if timer is not None:
         timer.start("all_to_all")
-    o = F.pad(out_t, (0, 0, 0, 1)).index_select(-2, chunks_from_tiled)  # [B, h_r, P*c, Dv]
-    o = o.view(B, h_r, P, c, Dv).permute(2, 1, 0, 3, 4)  # [P, h_r, B, c, Dv], by destination rank
-    back = all_to_all_rows(o.reshape(P * h_r, B, c, Dv), [h_r] * P, send_rows, group)  # [H (perm order), B, c, Dv]
+    # One gather puts the output rows in send order [P, h_r, B, c] (chunk padding slots read row 0:
+    # the receiver drops or zeroes them).
+    o = out_t.reshape(-1, Dv).index_select(0, gather_out).view(P * h_r, B, c, Dv)
+    (back,) = all_to_all_rows([o], [h_r] * P, send_rows, group)  # [H in perm order, B, c, Dv]
     if perm_idx is not None:
         inverse = torch.empty_like(perm_idx)
         inverse[perm_idx] = torch.arange(H, device=q.device)
         back = back.index_select(0, inverse)
-    out = back.transpose(0, 1)[:, :, :L]  # chunk padding rows are zeros
+    out = back.transpose(0, 1)[:, :, :L]
+    if L > n_r:  # padded shard: its padding rows are zeros (and pass no gradient)
+        out = out.masked_fill(~slot_valid[rank, :L].view(1, 1, L, 1), 0.0)
     if timer is not None:
         timer.stop()
     if return_info:
