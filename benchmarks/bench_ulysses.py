@@ -298,6 +298,7 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results: dict[str, Any] = dict(
         card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        cards=[torch.cuda.get_device_name(i) for i in range(nprocs)] if device.type == "cuda" else ["cpu"] * nprocs,
         torch=torch.__version__, grid=args.grid, heads=args.heads, head_dim=args.head_dim, ffn=args.ffn,
         text_tokens=args.text, backend=args.backend, query_block=args.query_block, spread=args.spread,
         target_density=args.density, iters=args.iters, runs={}, errors={},
@@ -335,6 +336,7 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
         proc.capture = None
         t_cal = time.perf_counter()
         threshold, per_head = calibrate(q, k, lay, args.density, args.query_block)
+        ref_tables = nabla_mask_tiled(tile(q, lay), tile(k, lay), lay, threshold, None, query_block=args.query_block).kept
         results.update(threshold=threshold, head_density=per_head,
                        mean_density=sum(per_head) / len(per_head), calibration_s=time.perf_counter() - t_cal)  # fmt: skip
         thr[0] = threshold
@@ -352,6 +354,14 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
               f"{min(per_head):.3f}..{max(per_head):.3f}, imbalance {results.get('imbalance')}", flush=True)  # fmt: skip
     dist.broadcast(thr, src=0)
     cfg["threshold"] = float(thr[0])
+    # The single-process tables at that threshold, on every rank, to check the Ulysses tables against.
+    qb = args.query_block
+    ref_kept = torch.zeros(1, args.heads, -(-lay.num_blocks // (qb // 64)), lay.num_blocks, dtype=torch.uint8, device=device)
+    if rank == 0:
+        ref_kept.copy_(ref_tables)
+        del ref_tables
+    dist.broadcast(ref_kept, src=0)
+    ref_kept = ref_kept.bool()
 
     # ---- 1 GPU (rank 0 alone; the other ranks warm their Ulysses compile meanwhile) -------------
     if 1 in args.worlds:
@@ -391,7 +401,10 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
                     def go() -> dict[str, Any]:
                         r = run_variant(block, inputs, proc, group, w, args, device)
                         info = proc.last_info
-                        r.update(assignment=info.assignment, rank_kept_blocks=info.rank_costs())
+                        ref = ref_kept[:, info.local_heads]
+                        diff = float((info.mask.kept != ref).float().mean())
+                        r.update(assignment=info.assignment, rank_kept_blocks=info.rank_costs(),
+                                 mask_mismatch_vs_1gpu=diff)  # fmt: skip
                         return r
 
                     record(name, go)
