@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--density", type=float, default=0.10, help="target mean kept fraction of block pairs")
     p.add_argument("--spread", type=float, default=3.0, help="per-head q scale range (1 = no spread)")
     p.add_argument("--backend", default="flex", help="nabla_attention backend for the sparse attention")
+    p.add_argument("--fallback-backend", default="", help="backend to switch to if --backend fails (e.g. triton)")
     p.add_argument("--query-block", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
@@ -231,7 +232,7 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, lay: TokenLayout, density: float
     return best
 
 
-def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, rank: int) -> None:
+def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, rank: int) -> bool:
     """Compile the sparse attention for the Ulysses head counts while rank 0 times the 1-GPU block.
 
     Compiled kernels are cached per process and, for inductor, on disk, so the later Ulysses runs
@@ -253,8 +254,10 @@ def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.de
                             layout="tiled", query_block=qb)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return True
     except Exception:
         print(f"rank {rank}: warm-up compile failed:\n{traceback.format_exc()}", flush=True)
+        return False
 
 
 def run_variant(block, inputs, proc: Attn, group, world: int, args, device) -> dict[str, Any]:
@@ -318,6 +321,9 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
     def record(name: str, fn) -> None:
         try:
             results["runs"][name] = fn()
+            results["runs"][name]["backend"] = cfg["backend"] if "nabla" in name else "cudnn-sdpa"
+            if name in results["errors"]:  # a retry (fallback backend) worked
+                results.setdefault("recovered_errors", {})[name] = results["errors"].pop(name)
             if rank == 0:
                 r = results["runs"][name]
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {r['block_ms']:.1f} ms/block  phases {r['phases_ms_rank']}", flush=True)
@@ -364,6 +370,9 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
     ref_kept = ref_kept.bool()
 
     # ---- 1 GPU (rank 0 alone; the other ranks warm their Ulysses compile meanwhile) -------------
+    # A backend that fails here (compile error, unsupported shape) is swapped for --fallback-backend
+    # on every rank before the multi-GPU runs: a rank failing inside a collective would hang the rest.
+    backend_ok = 1
     if 1 in args.worlds:
         if rank == 0:
             inputs = (hidden, text, temb, cos, sin)
@@ -373,9 +382,20 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
             if "nabla" in variants:
                 proc.mode = "nabla1"
                 record("1gpu_nabla", lambda: run_variant(block, inputs, proc, None, 1, args, device))
+                if "1gpu_nabla" in results["errors"] and args.fallback_backend:
+                    backend_ok = 0
+                    cfg["backend"] = args.fallback_backend
+                    record("1gpu_nabla", lambda: run_variant(block, inputs, proc, None, 1, args, device))
         elif "nabla" in variants and rank < max(args.worlds):
-            warm_compile(args, cfg, device, dtype, rank)
+            backend_ok = int(warm_compile(args, cfg, device, dtype, rank))
         dist.barrier()
+    flag = torch.tensor([backend_ok], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not int(flag[0]) and args.fallback_backend:
+        cfg["backend"] = args.fallback_backend
+        if rank == 0:
+            print(f"backend {args.backend} failed; multi-GPU runs use {args.fallback_backend}", flush=True)
+    results["backend_used_multi_gpu"] = cfg["backend"]
 
     # ---- W GPUs -----------------------------------------------------------------------------------
     for w in args.worlds:

@@ -38,9 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import Backend, make_layout, nabla_attention
+from ..attention import BACKENDS, Backend, make_layout, nabla_attention
 from ..grid import TokenLayout, VideoGrid, block_counts_on
 from ..masks import (
+    QUERY_BLOCKS,
     BlockSparseMask,
     _group_rows,
     _sta_video,
@@ -175,6 +176,21 @@ def _natural_block_ids(layout: TokenLayout) -> torch.Tensor:
     return layout.scatter_index() // BLOCK_TOKENS
 
 
+_device_ids: dict[tuple, torch.Tensor] = {}
+
+
+def _ids_on(layout: TokenLayout, a: int, b: int, device: torch.device) -> torch.Tensor:
+    """Block ids of natural tokens ``a .. b-1`` on ``device`` (cached: no host-to-device copy per call)."""
+    key = (layout, a, b, str(device))
+    hit = _device_ids.get(key)
+    if hit is None:
+        hit = _natural_block_ids(layout)[a:b].to(device)
+        if len(_device_ids) > 64:
+            _device_ids.clear()
+        _device_ids[key] = hit
+    return hit
+
+
 def _video_range(layout: TokenLayout) -> tuple[int, int]:
     start = layout.text_tokens if layout.text_position == "start" else 0
     return start, start + layout.grid.num_tokens
@@ -195,7 +211,7 @@ def _block_means(
     v0, v1 = _video_range(layout)
     a, b = max(offset, v0), min(offset + n, v1)
     if b > a:
-        ids = _natural_block_ids(layout)[a:b].to(q.device)
+        ids = _ids_on(layout, a, b, q.device)
         for i, x in enumerate((q, k)):
             part = x[:, :, a - offset : b - offset]
             for h0 in range(0, H, _POOL_HEADS):
@@ -370,6 +386,12 @@ def ulysses_nabla_attention(
             f"({grid.frames}x{grid.height}x{grid.width} video + {text_tokens} text) split over {P} ranks as "
             f"{sizes} gives this rank {n_r} tokens (or {c} when every shard is padded to the longest)"
         )
+    # Argument errors are raised before the first collective, so a bad call fails on every rank
+    # instead of leaving the others waiting.
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if mask is None and query_block not in QUERY_BLOCKS:
+        raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {query_block!r}")
     if mask is None:
         check_threshold(threshold)
         window = check_sta_window(sta_window)
