@@ -124,6 +124,8 @@ def _worker(rank: int, world: int, store: str, outdir: str) -> None:
                      sizes=info.shard_sizes),
                 os.path.join(outdir, f"{name}.{rank}.pt"),
             )  # fmt: skip
+        if world > 1:
+            _diffusers_case(rank, world, outdir)
         # A shard of the wrong length on every rank fails before any collective (no hang). (A wrong
         # length on one rank only would leave the others in the first collective until the timeout.)
         grid = VideoGrid(2, 8, 16)
@@ -139,6 +141,31 @@ def _worker(rank: int, world: int, store: str, outdir: str) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _diffusers_case(rank: int, world: int, outdir: str) -> None:
+    """The diffusers entry point with a real diffusers ContextParallelConfig on a CPU device mesh."""
+    try:
+        from diffusers import ContextParallelConfig
+    except ImportError:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from nabla_attn.distributed import diffusers_nabla_attention
+
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("ring", "ulysses"))
+    cp = ContextParallelConfig(ulysses_degree=world)
+    cp.setup(rank, world, torch.device("cpu"), mesh)
+    name = "odd_text_end_balanced"
+    case = CASES[name]
+    t = _inputs(name, case)
+    sizes = _sizes(case, world)
+    o, n = sum(sizes[:rank]), sizes[rank]
+    # diffusers' processors hold [B, S_local, H, D]
+    q, k, v = (t[x][:, :, o : o + n].transpose(1, 2).contiguous() for x in "qkv")
+    out = diffusers_nabla_attention(q, k, v, VideoGrid(*case["grid"]), cp, case["threshold"], case["sta"],
+                                    case["text"], case["pos"], backend="reference")  # fmt: skip
+    torch.save(out, os.path.join(outdir, f"diffusers.{rank}.pt"))
 
 
 def _spawn(world: int, tmp: Path) -> Path:
@@ -209,6 +236,34 @@ def test_wrong_shard_length_names_the_numbers(world_results: tuple[int, Path]) -
         sizes = shard_sizes(grid.num_tokens, world)
         assert f"local sequence length {max(sizes) + 1}" in msg, msg
         assert f"this rank {sizes[rank]} tokens" in msg and f"{world} ranks" in msg, msg
+
+
+def test_diffusers_context_parallel_config_entry_point(world_results: tuple[int, Path]) -> None:
+    world, outdir = world_results
+    if world == 1:
+        pytest.skip("diffusers' ContextParallelConfig needs a degree > 1")
+    pytest.importorskip("diffusers")
+    name = "odd_text_end_balanced"
+    case = CASES[name]
+    out_ref = _reference(name, case)[0]
+    sizes = _sizes(case, world)
+    for rank in range(world):
+        got = torch.load(outdir / f"diffusers.{rank}.pt")  # [B, S_local, H, D]
+        o, n = sum(sizes[:rank]), sizes[rank]
+        torch.testing.assert_close(got.transpose(1, 2), out_ref[:, :, o : o + n], rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_group_rejects_ring_attention() -> None:
+    from types import SimpleNamespace
+
+    from nabla_attn.distributed import diffusers_ulysses_group
+
+    assert diffusers_ulysses_group(None) is None
+    assert diffusers_ulysses_group(SimpleNamespace(context_parallel_config=None)) is None
+    with pytest.raises(ValueError, match="ring_degree=2"):
+        diffusers_ulysses_group(SimpleNamespace(ring_degree=2, ulysses_degree=1))
+    with pytest.raises(RuntimeError, match="enable_parallelism"):
+        diffusers_ulysses_group(SimpleNamespace(ring_degree=1, ulysses_degree=2, _ulysses_mesh=None))
 
 
 # ---- single-process unit tests ---------------------------------------------------------------------
