@@ -21,6 +21,7 @@ attention (mask, all-to-all, attention) come from ``PhaseTimer`` CUDA events (me
 
     python benchmarks/bench_ulysses.py --gpus 1,2 --out results.json          # GPUs (NCCL)
     python benchmarks/bench_ulysses.py --device cpu --tiny --gpus 1,2          # CPU dry run (gloo)
+    python benchmarks/bench_ulysses.py --markdown results.json                  # table for the docs
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.de
         return False
 
 
-def run_variant(block, inputs, proc: Attn, group, world: int, args, device) -> dict[str, Any]:
+def run_variant(block, inputs, proc: Attn, group, world: int, args, device, keep: dict | None = None) -> dict[str, Any]:
+    """Time the block; ``keep["out"]`` receives the last output (for the cross-world check)."""
     hidden, text, temb, cos, sin = inputs
     times: list[float] = []
     timer = PhaseTimer(device)
@@ -274,7 +276,7 @@ def run_variant(block, inputs, proc: Attn, group, world: int, args, device) -> d
             a.record()
         t0 = time.perf_counter()
         with torch.no_grad():
-            block(hidden, text, temb, (cos, sin))
+            out = block(hidden, text, temb, (cos, sin))
         if device.type == "cuda":
             b.record()
             torch.cuda.synchronize()
@@ -288,6 +290,8 @@ def run_variant(block, inputs, proc: Attn, group, world: int, args, device) -> d
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # the slowest rank sets the pace
     phases = {k: v / args.iters for k, v in timer.totals().items()}
     slowest = [float(x) for x in t.tolist()]
+    if keep is not None:
+        keep["out"] = out
     return dict(block_ms=statistics.median(slowest), block_ms_iters=slowest, phases_ms_rank=phases)
 
 
@@ -373,19 +377,21 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
     # A backend that fails here (compile error, unsupported shape) is swapped for --fallback-backend
     # on every rank before the multi-GPU runs: a rank failing inside a collective would hang the rest.
     backend_ok = 1
+    keep_dense: dict[str, torch.Tensor] = {}
+    keep_nabla: dict[str, torch.Tensor] = {}
     if 1 in args.worlds:
         if rank == 0:
             inputs = (hidden, text, temb, cos, sin)
             if "dense" in variants:
                 proc.mode = "dense1"
-                record("1gpu_dense", lambda: run_variant(block, inputs, proc, None, 1, args, device))
+                record("1gpu_dense", lambda: run_variant(block, inputs, proc, None, 1, args, device, keep_dense))
             if "nabla" in variants:
                 proc.mode = "nabla1"
-                record("1gpu_nabla", lambda: run_variant(block, inputs, proc, None, 1, args, device))
+                record("1gpu_nabla", lambda: run_variant(block, inputs, proc, None, 1, args, device, keep_nabla))
                 if "1gpu_nabla" in results["errors"] and args.fallback_backend:
                     backend_ok = 0
                     cfg["backend"] = args.fallback_backend
-                    record("1gpu_nabla", lambda: run_variant(block, inputs, proc, None, 1, args, device))
+                    record("1gpu_nabla", lambda: run_variant(block, inputs, proc, None, 1, args, device, keep_nabla))
         elif "nabla" in variants and rank < max(args.worlds):
             backend_ok = int(warm_compile(args, cfg, device, dtype, rank))
         dist.barrier()
@@ -396,6 +402,18 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
         if rank == 0:
             print(f"backend {args.backend} failed; multi-GPU runs use {args.fallback_backend}", flush=True)
     results["backend_used_multi_gpu"] = cfg["backend"]
+    # The 1-GPU block outputs on every rank, to compare each rank's shard of the multi-GPU output.
+    refs: dict[str, torch.Tensor] = {}
+    if 1 in args.worlds:
+        for kind, keep in (("dense", keep_dense), ("nabla", keep_nabla)):
+            have = torch.tensor([1 if "out" in keep else 0], device=device)
+            dist.broadcast(have, src=0)
+            if int(have[0]):
+                ref = keep["out"] if rank == 0 else hidden.new_empty(hidden.shape)
+                dist.broadcast(ref, src=0)
+                refs[kind] = ref
+        keep_dense.clear()
+        keep_nabla.clear()
 
     # ---- W GPUs -----------------------------------------------------------------------------------
     for w in args.worlds:
@@ -409,9 +427,24 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
             n = sizes[rank]
             inputs = (hidden[:, o : o + n], text, temb, cos[:, o : o + n], sin[:, o : o + n])
             proc.group, proc.world = group, w
+            def rel_err(kind: str, keep: dict[str, torch.Tensor]) -> float | None:
+                if kind not in refs or "out" not in keep:
+                    return None
+                ref = refs[kind][:, o : o + n].float()
+                err = torch.stack([(keep["out"].float() - ref).norm() ** 2, ref.norm() ** 2])
+                dist.all_reduce(err, group=group)
+                return float((err[0] / err[1]).sqrt())
+
             if "dense" in variants and S % w == 0:
                 proc.mode = "dense_ulysses"
-                record(f"{w}gpu_dense", lambda: run_variant(block, inputs, proc, group, w, args, device))
+
+                def go_dense() -> dict[str, Any]:
+                    keep: dict[str, torch.Tensor] = {}
+                    r = run_variant(block, inputs, proc, group, w, args, device, keep)
+                    r["block_rel_err_vs_1gpu"] = rel_err("dense", keep)
+                    return r
+
+                record(f"{w}gpu_dense", go_dense)
             if "nabla" in variants:
                 proc.mode = "nabla_ulysses"
                 for bal in (False, True):
@@ -419,11 +452,18 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
                     name = f"{w}gpu_nabla_{'balanced' if bal else 'plain'}"
 
                     def go() -> dict[str, Any]:
-                        r = run_variant(block, inputs, proc, group, w, args, device)
+                        keep: dict[str, torch.Tensor] = {}
+                        r = run_variant(block, inputs, proc, group, w, args, device, keep)
+                        r["block_rel_err_vs_1gpu"] = rel_err("nabla", keep)
                         info = proc.last_info
                         ref = ref_kept[:, info.local_heads]
                         diff = float((info.mask.kept != ref).float().mean())
-                        r.update(assignment=info.assignment, rank_kept_blocks=info.rank_costs(),
+                        per_rank = torch.zeros(w, dtype=torch.float64, device=device)
+                        per_rank[rank] = float(info.mask.kept.sum())  # kept pairs of this rank's heads
+                        dist.all_reduce(per_rank, group=group)
+                        loads = [int(x) for x in per_rank.tolist()]
+                        r.update(assignment=info.assignment, rank_kept_blocks=loads,
+                                 busiest_over_mean=max(loads) * w / max(1, sum(loads)),
                                  mask_mismatch_vs_1gpu=diff)  # fmt: skip
                         return r
 
@@ -466,7 +506,37 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{name}: ERROR {err.strip().splitlines()[-1]}")
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """A markdown table of one results JSON (for docs/benchmarks.md)."""
+    lines = [
+        f"Cards: {', '.join(results.get('cards', [results['card']]))}; torch {results['torch']}; grid {results['grid']}, "
+        f"{results['heads']} heads x {results['head_dim']}, FFN {results['ffn']}, {results['text_tokens']} text tokens; "
+        f"sparse backend {results.get('backend_used_multi_gpu', results['backend'])}, query_block {results['query_block']}; "
+        f"threshold {results.get('threshold', float('nan')):.4f} -> mean kept density {results.get('mean_density', float('nan')):.3f} "
+        f"(per head {min(results.get('head_density', [0])):.3f}-{max(results.get('head_density', [0])):.3f}, q scale spread {results['spread']}).",
+        "",
+        "| variant | ms / block | speedup vs 1 GPU (same attention) | vs 1 GPU dense cuDNN | attention share | all-to-all share | kept blocks per rank | rel. err vs 1 GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["runs"].items():
+        def f(key: str, fmt: str = "{:.2f}") -> str:
+            v = r.get(key)
+            return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+        kept = r.get("rank_kept_blocks")
+        lines.append(
+            f"| {name} | {r['block_ms']:.1f} | {f('speedup_vs_1gpu_same_attention')} | {f('speedup_vs_1gpu_dense')} | "
+            f"{f('attention_share')} | {f('all_to_all_share')} | {kept if kept else '-'} | {f('block_rel_err_vs_1gpu', '{:.1e}')} |"
+        )
+    for name, err in results.get("errors", {}).items():
+        lines.append(f"\n{name} failed: `{err.strip().splitlines()[-1]}`")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--markdown":
+        print(markdown(json.loads(Path(sys.argv[2]).read_text())))
+        return
     args = parse_args(argv)
     nprocs = max(args.worlds)
     if args.device == "cuda" and torch.cuda.device_count() < nprocs:
