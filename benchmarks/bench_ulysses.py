@@ -471,9 +471,14 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
         dist.barrier()
 
     # ---- gather per-rank phases on rank 0 and summarise -------------------------------------------
-    gathered: list[Any] = [None] * nprocs
-    dist.all_gather_object(gathered, results["runs"])
+    from nabla_attn.distributed.ulysses import _fast_failed
+
+    fused = "failed: " + _fast_failed[0] if _fast_failed else "used where needed"
+    pairs: list[Any] = [None] * nprocs
+    dist.all_gather_object(pairs, (results["runs"], fused))
+    gathered = [p[0] for p in pairs]
     if rank == 0:
+        results["fused_table_kernel_by_rank"] = [p[1] for p in pairs]
         for name, r in results["runs"].items():
             r["phases_ms_by_rank"] = [g.get(name, {}).get("phases_ms_rank") for g in gathered]
             ranks = [p for p in r["phases_ms_by_rank"] if p]
