@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -204,7 +204,7 @@ def sta_mask(
     return BlockSparseMask(_group_rows(kept, _check_query_block(query_block)), layout, query_block)
 
 
-def _fast_builder():  # type: ignore[no-untyped-def]
+def _fast_builder() -> "Callable[..., BlockSparseMask] | None":
     """The fused Triton builder (``kernels/mask_build.py``) where Triton imports, else None."""
     try:
         from .kernels.mask_build import build_nabla_mask_fast

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -133,7 +134,8 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask: BlockSparseMask, scale: float, cfg: KernelConfig):  # type: ignore[override]
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,  # type: ignore[override]
+                scale: float, cfg: KernelConfig) -> torch.Tensor:
         from ..kernels.attention import _attn_fwd
 
         B, H, S, D = q.shape
@@ -175,7 +177,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
+    def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:  # type: ignore[override]
         from ..kernels.attention import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
 
         q, k, v, o, lse = ctx.saved_tensors

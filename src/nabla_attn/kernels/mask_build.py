@@ -69,7 +69,9 @@ def _nabla_rows_kernel(
             m = tl.where(m == float("-inf"), 0.0, m)  # text rows load nothing: no -inf - -inf
             e = tl.exp(s - m)
             e = tl.where(video_col, e, 0.0)
-            p = e / tl.sum(e, axis=0)
+            denom = tl.sum(e, axis=0)
+            # Text rows load nothing (denom 0): divide by 1 there; video rows keep 0/0 = NaN semantics.
+            p = e / tl.where((denom > 0) | (r < NV), denom, 1.0)
             p = tl.where(video_col, p, 0.0)
             # A row with NaN/inf anywhere keeps every block (NaN must reach the output).
             bad = tl.sum(((p != p) | (p == float("inf"))).to(tl.int32), axis=0) > 0
@@ -269,9 +271,3 @@ def build_nabla_mask_fast(
         mask._cache["kv"] = (counts, idx)
     return mask
 
-
-def fast_mask_available(q: torch.Tensor) -> bool:
-    """True where :func:`build_nabla_mask_fast` runs: CUDA tensors (or anything under the interpreter)."""
-    from triton import knobs
-
-    return bool(q.is_cuda or knobs.runtime.interpret)
