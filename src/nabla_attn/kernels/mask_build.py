@@ -271,3 +271,10 @@ def build_nabla_mask_fast(
         mask._cache["kv"] = (counts, idx)
     return mask
 
+
+
+def fast_mask_available(q: torch.Tensor) -> bool:
+    """True where :func:`build_nabla_mask_fast` runs: CUDA tensors (or anything under the interpreter)."""
+    from triton import knobs
+
+    return bool(q.is_cuda or knobs.runtime.interpret)
