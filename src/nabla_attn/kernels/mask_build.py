@@ -230,46 +230,73 @@ def build_nabla_mask_fast(
         raise ValueError("nabla_mask needs a threshold, an sta_window, or both")
     if q.shape[-2] != layout.tiled_len or k.shape != q.shape:
         raise ValueError(f"q, k must be tiled [B, H, {layout.tiled_len}, D], got {tuple(q.shape)}, {tuple(k.shape)}")
-    nv, nb = layout.num_video_blocks, layout.num_blocks
-    group = query_block // BLOCK_TOKENS
-    nq = -(-nb // group)
+    nv = layout.num_video_blocks
     dev = q.device
     with torch.no_grad():
         if threshold is not None:
-            B, H = q.shape[:2]
             qa = pool_blocks_lean(q, layout, nv)
             ka = pool_blocks_lean(k, layout, nv)
             scores = (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             del qa, ka
-            cut = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
+            cut: float | None = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
         else:
-            B, H = 1, 1
             scores = torch.empty(1, 1, 1, 1, device=dev, dtype=torch.float32)
-            cut = 1.0
-        kept = torch.empty(B, H, nq, nb, dtype=torch.bool, device=dev)
-        if write_lists:
-            counts = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
-            idx = torch.empty(B, H, nq, nb, dtype=torch.int32, device=dev)
-        else:
-            counts = idx = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev)
-        wt, wr, wc = ((w // 2 for w in win) if win is not None else (0, 0, 0))
-        _, tr, tc = layout.grid.block_grid
-        block = triton.next_power_of_2(nb)
-        _nabla_rows_kernel[(nq, B * H)](
-            scores, kept.view(torch.uint8), counts, idx,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            kept.stride(0), kept.stride(1), kept.stride(2),
-            counts.stride(0), counts.stride(1),
-            idx.stride(0), idx.stride(1), idx.stride(2),
-            H, nv, nb, nq, cut, wt, wr, wc, tr, tc,
-            HAS_THR=threshold is not None, HAS_STA=win is not None, GROUP=group,
-            WRITE_LISTS=write_lists, BLOCK=block, num_warps=4 if block <= 1024 else 8,
-        )
+            cut = None
+        kept, lists = table_from_scores(scores, layout, cut, win, query_block, write_lists=write_lists)
         del scores
     mask = BlockSparseMask(kept, layout, query_block)
-    if write_lists:
-        mask._cache["kv"] = (counts, idx)
+    if lists is not None:
+        mask._cache["kv"] = lists
     return mask
+
+
+def table_from_scores(
+    scores: torch.Tensor,
+    layout: TokenLayout,
+    cut: float | None,
+    sta_window: tuple[int, int, int] | None,
+    query_block: int,
+    *,
+    write_lists: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The fused row kernel on precomputed block scores (``[B, H, Nv, Nv]`` float32, pre-softmax).
+
+    ``cut = 1 - threshold`` as float32 (None: STA only, ``scores`` ignored). Returns the bool table
+    ``[B, H, Qb, Kb]`` (text rows/columns kept, STA ORed in, rows grouped for ``query_block``) and,
+    with ``write_lists``, its kv lists ``(counts, indices)``. Public entry point for callers that
+    compute scores themselves (e.g. from gathered block means in the distributed path).
+    """
+    nv, nb = layout.num_video_blocks, layout.num_blocks
+    group = query_block // BLOCK_TOKENS
+    nq = -(-nb // group)
+    dev = scores.device
+    if cut is None:
+        B, H = 1, 1
+        cut_value = 1.0
+    else:
+        scores = scores.contiguous()
+        B, H = scores.shape[:2]
+        cut_value = float(cut)
+    kept = torch.empty(B, H, nq, nb, dtype=torch.bool, device=dev)
+    if write_lists:
+        counts = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
+        idx = torch.empty(B, H, nq, nb, dtype=torch.int32, device=dev)
+    else:
+        counts = idx = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev)
+    wt, wr, wc = ((w // 2 for w in sta_window) if sta_window is not None else (0, 0, 0))
+    _, tr, tc = layout.grid.block_grid
+    block = triton.next_power_of_2(nb)
+    _nabla_rows_kernel[(nq, B * H)](
+        scores, kept.view(torch.uint8), counts, idx,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        kept.stride(0), kept.stride(1), kept.stride(2),
+        counts.stride(0), counts.stride(1),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        H, nv, nb, nq, cut_value, wt, wr, wc, tr, tc,
+        HAS_THR=cut is not None, HAS_STA=sta_window is not None, GROUP=group,
+        WRITE_LISTS=write_lists, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+    return kept, ((counts, idx) if write_lists else None)
 
 
 
