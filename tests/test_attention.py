@@ -178,3 +178,8 @@ class TestBadInput:
         with pytest.raises(ValueError, match="mask was built for"):
             nabla_attention(q2, q2, q2, GRID, text_tokens=2, mask=m)
         del q
+
+    def test_triton_needs_equal_head_dims(self):
+        q = torch.randn(1, 2, 858, 16)
+        with pytest.raises(ValueError, match="v head_dim 32 != q head_dim 16"):
+            select_backend(q, "triton", v_head_dim=32)

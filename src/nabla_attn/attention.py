@@ -55,13 +55,28 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
         raise ValueError(f"seq length {q.shape[2]} does not match the grid: expected {expected} ({what})")
 
 
-def select_backend(q: torch.Tensor, backend: str = "auto", needs_grad: bool = False, query_block: int = 64) -> str:
+def _triton_reason(q: torch.Tensor, v_head_dim: int | None) -> str | None:
+    from .backends import triton_kernel
+
+    if v_head_dim is not None and v_head_dim != q.shape[-1]:
+        return f"v head_dim {v_head_dim} != q head_dim {q.shape[-1]} (the Triton kernel needs them equal)"
+    return triton_kernel.check_supported(q)
+
+
+def select_backend(
+    q: torch.Tensor,
+    backend: str = "auto",
+    needs_grad: bool = False,
+    query_block: int = 64,
+    v_head_dim: int | None = None,
+) -> str:
     """The backend ``nabla_attention`` uses for ``q`` (``auto`` resolved), raising if it cannot run it.
 
-    ``needs_grad``: a backward pass will follow (some backends have none on some devices)."""
+    ``needs_grad``: a backward pass will follow (some backends have none on some devices);
+    ``v_head_dim``: v's head_dim where it differs from q's."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    from .backends import flex, triton_kernel
+    from .backends import flex
 
     if backend == "reference":
         return backend
@@ -71,12 +86,12 @@ def select_backend(q: torch.Tensor, backend: str = "auto", needs_grad: bool = Fa
             raise ValueError(f"backend='flex' cannot run {reason}; fallback: backend='reference'")
         return backend
     if backend == "triton":
-        reason = triton_kernel.check_supported(q)
+        reason = _triton_reason(q, v_head_dim)
         if reason:
             raise ValueError(f"backend='triton' cannot run {reason}; fallback: backend='flex' or 'reference'")
         return backend
     # auto: our Triton kernel where it runs, else compiled FlexAttention on CUDA, else the reference.
-    if q.is_cuda and triton_kernel.check_supported(q) is None:
+    if q.is_cuda and _triton_reason(q, v_head_dim) is None:
         choice = "triton"
     elif q.is_cuda and flex.check_supported(q, needs_grad, query_block) is None:
         choice = "flex"
@@ -156,7 +171,7 @@ def nabla_attention(
         raise ValueError(f"layout must be 'natural' or 'tiled', got {layout!r}")
     check_qkv(q, k, v, lay, layout)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    name = select_backend(q, backend, needs_grad, mask.query_block if mask is not None else query_block)
+    name = select_backend(q, backend, needs_grad, mask.query_block if mask is not None else query_block, v.shape[-1])
     if mask is None:
         check_threshold(threshold)
         check_sta_window(sta_window)
