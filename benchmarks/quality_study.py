@@ -1,0 +1,237 @@
+"""Quality of sparse self-attention on the bundled trained video DiT: NABLA vs STA vs NABLA+STA vs
+random block masks, at matched kept densities, against dense attention from the same noise.
+
+For every method and setting, all three clips are generated in one batch from the same noise as the
+dense run, and we record:
+  * PSNR / SSIM of the final videos against the dense videos;
+  * every layer's relative error ``||O_sparse - O_dense|| / ||O_dense||`` of the attention output,
+    both computed on the same q, k, v (the sparse run's own trajectory), per sampling step;
+  * kept density per layer and step.
+NABLA is also run with 128-token query blocks (two tiles share one key list).
+
+    PYTHONPATH=src python benchmarks/quality_study.py --size small --out benchmarks/results/quality_small.json
+    python benchmarks/quality_study.py --plot benchmarks/results/quality_small.json   # figures + table
+
+Runs on CPU (small size, ~10 minutes on 2 cores) or on a GPU (``--device cuda``, any size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from nabla_attn.demo.cli import SIZES  # noqa: E402
+from nabla_attn.demo.metrics import psnr, ssim  # noqa: E402
+from nabla_attn.demo.model import CLASS_NAMES, MaskPolicy, load_bundled, sample  # noqa: E402
+from nabla_attn.grid import VideoGrid  # noqa: E402
+from nabla_attn.masks import sta_mask  # noqa: E402
+
+TARGETS = (0.10, 0.20, 0.30)
+
+
+def sta_density(grid: VideoGrid, window: tuple[int, int, int]) -> float:
+    return sta_mask(grid, window).density
+
+
+def pick_sta_windows(grid: VideoGrid) -> list[tuple[int, int, int]]:
+    """Odd windows whose exact density is nearest to each target (plus neighbours for the curve)."""
+    T, R, C = grid.block_grid
+    cands = {(t, r, c) for t in range(1, 2 * T, 2) for r in range(1, 2 * R, 2) for c in range(1, 2 * C, 2)}
+    scored = sorted((sta_density(grid, w), w) for w in cands)
+    chosen: list[tuple[int, int, int]] = []
+    for target in (0.05,) + TARGETS + (0.45,):
+        # Among windows near the target, prefer the most isotropic one (what STA would use).
+        near = sorted(scored, key=lambda dw: (round(abs(dw[0] - target), 2), max(dw[1]) - min(dw[1])))
+        w = near[0][1]
+        if w not in chosen:
+            chosen.append(w)
+    return chosen
+
+
+def run_policy(model: Any, noise: torch.Tensor, labels: torch.Tensor, steps: int, policy: MaskPolicy | None) -> tuple[torch.Tensor, dict[str, Any], float]:
+    model.set_attention(policy)
+    model.reset_stats(record_error=policy is not None)
+    t0 = time.perf_counter()
+    video = sample(model, noise, labels, steps)
+    dt = time.perf_counter() - t0
+    model.set_attention(None)
+    per_layer: dict[str, Any] = {"density": [], "rel_error": []}  # [layer][step]
+    for proc in model.processors:
+        per_layer["density"].append([st.density for st in proc.stats])
+        per_layer["rel_error"].append([st.rel_error for st in proc.stats])
+    return video, per_layer, dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="small", choices=sorted(SIZES))
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/quality_<size>.json)")
+    ap.add_argument("--thresholds", default="0.5,0.7,0.85,0.95")
+    ap.add_argument("--combo-window", default="1,3,3", help="STA window unioned with NABLA for nabla+sta")
+    ap.add_argument("--methods", default="nabla,nabla q128,sta,nabla+sta,random", help="comma-separated subset")
+    ap.add_argument("--weights", default=None, help="a .safetensors file instead of the bundled model")
+    ap.add_argument("--plot", default=None, metavar="JSON", help="only draw figures and the table from a results file")
+    args = ap.parse_args()
+    if args.plot:
+        plot(Path(args.plot))
+        return
+
+    device = torch.device(args.device)
+    model = load_bundled(args.weights, device=device)
+    frames, height, width = SIZES[args.size]
+    grid = VideoGrid(frames, height // 2, width // 2)
+    gen = torch.Generator().manual_seed(args.seed)
+    n = len(CLASS_NAMES)
+    noise = torch.randn(n, 3, frames, height, width, generator=gen).to(device)
+    labels = torch.arange(n, device=device)
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    windows = pick_sta_windows(grid)
+    # NABLA+STA: NABLA's blocks plus the immediate spatial neighbours in the same frame, which
+    # cover the tokens at tile borders that mean-pooled block scores miss.
+    combo_window = tuple(int(v) for v in args.combo_window.split(","))
+    methods = set(args.methods.split(","))
+
+    policies: list[tuple[str, MaskPolicy]] = []
+    policies += [("nabla", MaskPolicy("nabla", threshold=t)) for t in thresholds]
+    policies += [("nabla q128", MaskPolicy("nabla", threshold=t, query_block=128)) for t in thresholds]
+    policies += [("sta", MaskPolicy("sta", threshold=None, sta_window=w)) for w in windows]
+    policies += [("nabla+sta", MaskPolicy("nabla+sta", threshold=t, sta_window=combo_window)) for t in thresholds]  # type: ignore[arg-type]
+    policies += [("random", MaskPolicy("random", threshold=None, density=d, seed=args.seed)) for d in TARGETS]
+    policies = [(m, p) for m, p in policies if m in methods]
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"quality_{args.size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dense, _, t_dense = run_policy(model, noise, labels, args.steps, None)
+    meta = {"size": args.size, "video": [frames, height, width], "grid": [grid.frames, grid.height, grid.width],
+            "blocks": grid.num_blocks, "block_grid": list(grid.block_grid), "steps": args.steps, "seed": args.seed,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
+            "clips": list(CLASS_NAMES), "model": json.loads(model.config.to_json()), "dense_time_s": t_dense}
+    print(f"dense: {t_dense:.1f}s  grid {grid.frames}x{grid.height}x{grid.width} ({grid.num_blocks} blocks), {args.device}")
+    results: list[dict[str, Any]] = []
+    for method, pol in policies:
+        video, per_layer, dt = run_policy(model, noise, labels, args.steps, pol)
+        dens = torch.tensor(per_layer["density"])  # [layers, steps]
+        err = torch.tensor(per_layer["rel_error"])
+        rec = {
+            "method": method, "label": pol.label(), "threshold": pol.threshold, "sta_window": pol.sta_window,
+            "random_p": pol.density, "query_block": pol.query_block,
+            "density": float(dens.mean()), "density_per_layer": dens.mean(1).tolist(), "density_per_step": dens.mean(0).tolist(),
+            "density_layer_step": per_layer["density"],
+            "rel_error": float(err.mean()), "rel_error_per_layer": err.mean(1).tolist(), "rel_error_per_step": err.mean(0).tolist(),
+            "psnr_db": psnr(video, dense), "ssim": ssim(video.flatten(0, 2), dense.flatten(0, 2)),
+            "psnr_per_clip": [psnr(video[i], dense[i]) for i in range(n)],
+            "ssim_per_clip": [ssim(video[i].flatten(0, 1), dense[i].flatten(0, 1)) for i in range(n)],
+            "time_s": dt,
+        }
+        results.append(rec)
+        # Written after every setting, so a run cut short still leaves its results.
+        out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"{pol.label():42s} density {rec['density']:.3f}  rel.err {rec['rel_error']:.3f}  "
+              f"PSNR {rec['psnr_db']:6.2f}  SSIM {rec['ssim']:.4f}  ({dt:.0f}s)", flush=True)
+
+    print(f"wrote {out}")
+    plot(out)
+
+
+def interp(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of y at density x along a curve sorted by density (None outside it)."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def plot(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    meta, results = data["meta"], data["results"]
+    img = Path(__file__).resolve().parents[1] / "docs" / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    tag = meta["size"]
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    style = {"nabla": "o-", "nabla q128": "s--", "sta": "^-", "nabla+sta": "D-", "random": "x:"}
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in methods:
+        rs = sorted((r for r in results if r["method"] == m), key=lambda r: r["density"])
+        xs = [r["density"] * 100 for r in rs]
+        axes[0].plot(xs, [r["psnr_db"] for r in rs], style.get(m, "o-"), label=m)
+        axes[1].plot(xs, [r["ssim"] for r in rs], style.get(m, "o-"), label=m)
+        axes[2].plot(xs, [r["rel_error"] for r in rs], style.get(m, "o-"), label=m)
+    for ax, name in zip(axes, ("PSNR vs dense (dB)", "SSIM vs dense", "attention output rel. error (mean)")):
+        ax.set_xlabel("kept block density (%)")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    g = meta["grid"]
+    fig.suptitle(f"Trained tiny Wan DiT, {meta['video'][0]}x{meta['video'][1]}x{meta['video'][2]} px "
+                 f"(grid {g[0]}x{g[1]}x{g[2]}, {meta['blocks']} blocks), {meta['steps']} steps, 3 clips")
+    fig.tight_layout()
+    fig.savefig(img / f"quality_{tag}_curves.png", dpi=100)
+    plt.close(fig)
+
+    # Per layer: density and error for the NABLA setting nearest 20% and the STA window nearest 20%.
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m in ("nabla", "sta", "nabla+sta", "random"):
+        rs = [r for r in results if r["method"] == m]
+        if not rs:
+            continue
+        r = min(rs, key=lambda r: abs(r["density"] - 0.2))
+        axes[0].plot(r["density_per_layer"], style.get(m, "o-"), label=f"{r['label']} ({r['density']:.0%})")
+        axes[1].plot(r["rel_error_per_layer"], style.get(m, "o-"), label=r["label"])
+        if m in ("nabla", "nabla+sta"):
+            axes[2].plot(r["density_per_step"], style.get(m, "o-"), label=r["label"])
+    axes[0].set_title("kept density per layer (near 20%)")
+    axes[1].set_title("attention rel. error per layer")
+    axes[1].set_yscale("log")
+    axes[2].set_title("NABLA kept density per sampling step")
+    axes[0].set_xlabel("layer")
+    axes[1].set_xlabel("layer")
+    axes[2].set_xlabel("step (0 = pure noise)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / f"quality_{tag}_layers.png", dpi=100)
+    plt.close(fig)
+
+    # Table: interpolated PSNR / SSIM at the target densities.
+    lines = ["| method | " + " | ".join(f"PSNR @ {t:.0%}" for t in TARGETS) + " | " + " | ".join(f"SSIM @ {t:.0%}" for t in TARGETS) + " |",
+             "|---|" + "---|" * (2 * len(TARGETS))]
+    for m in methods:
+        rs = [r for r in results if r["method"] == m]
+        ps = [interp([(r["density"], r["psnr_db"]) for r in rs], t) for t in TARGETS]
+        ss = [interp([(r["density"], r["ssim"]) for r in rs], t) for t in TARGETS]
+        fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {m} | " + " | ".join(fmt(p, ".2f") for p in ps) + " | " + " | ".join(fmt(s, ".4f") for s in ss) + " |")
+    lines.append("")
+    lines.append("| setting | density | PSNR (dB) | SSIM | rel. error | PSNR per clip |")
+    lines.append("|---|---|---|---|---|---|")
+    for r in results:
+        lines.append(f"| {r['label']}{' q128' if r['query_block'] == 128 else ''} | {r['density']:.1%} | {r['psnr_db']:.2f} | "
+                     f"{r['ssim']:.4f} | {r['rel_error']:.3f} | {' / '.join(f'{p:.1f}' for p in r['psnr_per_clip'])} |")
+    table = "\n".join(lines)
+    (path.with_suffix(".md")).write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
