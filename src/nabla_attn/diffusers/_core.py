@@ -5,8 +5,9 @@ shares, stats, and exact removal.
 Why a pre-hook and shared state: attention processors only see flattened token sequences, so the
 video grid (frames x height x width after patchify) must come from the transformer's own inputs. The
 hook runs eagerly (``torch._dynamo.disable``) so that reading the timestep never enters a compiled
-graph; processors only read the grid (ints) and one bool, which stay equal across steps and so never
-trigger a recompile.
+graph; compiled code only reads the grid (ints), two bools (sparse step, forward-level tiling) and,
+with forward-level tiling, two index tensors that are the same objects every step, so steps never
+trigger a recompile. The NABLA op itself runs outside compiled graphs (see ``_sparse_eager``).
 """
 
 from __future__ import annotations
