@@ -28,16 +28,19 @@ def _chunk_attention(
     scale: float,
 ) -> torch.Tensor:
     B, H, r, kmax = idx.shape
-    bi = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
-    hi = torch.arange(H, device=idx.device).view(1, H, 1, 1)
-    keys = k_blocks[bi, hi, idx].flatten(3, 4)  # [B, H, r, kmax*64, D]
-    values = v_blocks[bi, hi, idx].flatten(3, 4)
-    scores = (q @ keys.transpose(-1, -2)) * scale  # [B, H, r, qb, kmax*64]
-    scores = scores.masked_fill(~allowed.unsqueeze(3), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # A row with no kept key at all gives 0 (softmax of all -inf is NaN); every backend does the same.
-    probs = torch.where(allowed.any(-1)[..., None, None], probs, torch.zeros_like(probs))
-    return probs @ values
+    qb, D = q.shape[-2:]
+    nb = k_blocks.shape[2]
+    # One flat index_select per tensor: much faster than broadcast advanced indexing on CPU.
+    flat = (idx + nb * torch.arange(B * H, device=idx.device).view(B, H, 1, 1)).reshape(-1)
+    keys = k_blocks.reshape(B * H * nb, -1).index_select(0, flat).view(B * H * r, 1, kmax * BLOCK_TOKENS, D)
+    values = v_blocks.reshape(B * H * nb, -1).index_select(0, flat).view(B * H * r, 1, kmax * BLOCK_TOKENS, -1)
+    # Each query block is its own attention problem over its gathered keys; SDPA's fused kernels
+    # do the softmax over kept keys only (the boolean mask) without materialising extra copies.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(B * H * r, 1, qb, D), keys, values, attn_mask=allowed.reshape(B * H * r, 1, 1, -1), scale=scale
+    ).view(B, H, r, qb, -1)
+    # A row with no kept key at all gives 0 (SDPA gives NaN there); every backend does the same.
+    return torch.where(allowed.any(-1)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def reference_attention(
