@@ -174,12 +174,32 @@ def _block_counts(layout: TokenLayout) -> torch.Tensor:
 _device_cache: dict[tuple[TokenLayout, str, str], torch.Tensor] = {}
 
 
+@functools.lru_cache(maxsize=64)
+def _gather_source(layout: TokenLayout) -> torch.Tensor:
+    """The gather index with padding slots pointing at token 0 (they are zeroed after the gather)."""
+    gather = _gather_index(layout)
+    return torch.where(gather < layout.seq_len, gather, torch.zeros_like(gather))
+
+
+@functools.lru_cache(maxsize=64)
+def _padding_slots(layout: TokenLayout) -> torch.Tensor:
+    return torch.nonzero(_gather_index(layout) >= layout.seq_len).squeeze(1)
+
+
+_SOURCES = {
+    "gather": _gather_index,
+    "gather_source": _gather_source,
+    "padding": _padding_slots,
+    "scatter": _scatter_index,
+    "counts": _block_counts,
+}
+
+
 def _on_device(kind: str, layout: TokenLayout, device: torch.device) -> torch.Tensor:
     key = (layout, kind, str(device))
     cached = _device_cache.get(key)
     if cached is None:
-        source = {"gather": _gather_index, "scatter": _scatter_index, "counts": _block_counts}[kind](layout)
-        cached = source.to(device)
+        cached = _SOURCES[kind](layout).to(device)
         if len(_device_cache) > 256:
             _device_cache.clear()
         _device_cache[key] = cached
@@ -189,15 +209,19 @@ def _on_device(kind: str, layout: TokenLayout, device: torch.device) -> torch.Te
 def tile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Natural order ``[..., seq_len, D]`` -> tiled order ``[..., tiled_len, D]`` (padding = 0).
 
-    Differentiable. ``dim=-2`` is the token axis, so both ``[B, H, S, D]`` and ``[B, S, C]`` work.
+    Differentiable. ``dim=-2`` is the token axis, so both ``[B, H, S, D]`` and ``[B, S, C]`` work;
+    a strided input (e.g. ``[B, S, H, D]`` transposed) is read in place, without a copy first.
     """
     if x.shape[-2] != layout.seq_len:
         raise ValueError(
             f"tile: sequence length {x.shape[-2]} does not match the layout's {layout.seq_len} "
             f"({layout.grid.frames}x{layout.grid.height}x{layout.grid.width} video + {layout.text_tokens} text)"
         )
-    padded = torch.nn.functional.pad(x, (0, 0, 0, 1))
-    return padded.index_select(-2, _on_device("gather", layout, x.device))
+    # One gather pass, then zero the (few) padding slots in place.
+    out = x.index_select(-2, _on_device("gather_source", layout, x.device))
+    if layout.tiled_len != layout.seq_len:
+        out.index_fill_(-2, _on_device("padding", layout, x.device), 0)
+    return out
 
 
 def untile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
