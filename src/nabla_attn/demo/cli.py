@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", default="bikes", help=f"which training clip to generate: {', '.join(CLASS_NAMES)} (default bikes)")
     p.add_argument("--size", default="small", help="small (5x48x72 px, CPU default) or large (9x64x96 px, the training size; for GPUs)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 12 small, 24 large)")
-    p.add_argument("--threshold", type=float, default=0.5, help="NABLA threshold, kept softmax mass in (0, 1] (default 0.5)")
+    p.add_argument("--threshold", type=float, default=0.9, help="NABLA threshold, kept softmax mass in (0, 1] (default 0.9)")
     p.add_argument("--sta-window", default=None, metavar="T,H,W", help="also keep an STA window in blocks, e.g. 1,3,3 (odd)")
     p.add_argument("--query-block", type=int, default=64, help="query block tokens, 64 or 128 (default 64)")
     p.add_argument("--dense-steps", type=int, default=0, help="first N steps run dense in the NABLA run too (default 0)")
