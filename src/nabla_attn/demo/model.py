@@ -5,11 +5,13 @@ The network sees RGB video in ``[-1, 1]`` shaped ``[B, 3, T, H, W]``; patch ``(1
 network predicts ``eps - x0``) on three real clips; the condition is the clip id, fed through Wan's
 text path as a few learned embedding tokens (so cross-attention sees them as "text").
 
-Self-attention runs through :class:`SelfAttentionProcessor`, which computes q, k, v exactly like
-diffusers' ``WanAttnProcessor`` and then runs either dense SDPA or :func:`nabla_attn.nabla_attention`
-with a mask policy (NABLA, STA, both, random, or a fixed table). It also records per-layer kept
-density and, on request, the relative error of the sparse output against dense attention on the same
-q, k, v. Cross-attention keeps diffusers' own processor.
+By default self-attention runs diffusers' own ``WanAttnProcessor`` (what
+:func:`nabla_attn.diffusers.apply_nabla` patches; the demo uses that path). For studies,
+:meth:`TinyVideoDiT.set_attention` installs :class:`SelfAttentionProcessor`, which computes q, k, v
+exactly like ``WanAttnProcessor`` and runs block-sparse attention with a mask policy (NABLA, STA,
+both, random, or any table), recording per-layer kept density, the masks and, on request, the
+relative error of the sparse output against dense attention on the same q, k, v. Cross-attention
+always keeps diffusers' processor.
 """
 
 from __future__ import annotations
