@@ -39,9 +39,11 @@ CASES: dict[str, dict[str, Any]] = {
     # Odd grid (edge tiles on both axes), text at the end, balancing on, uneven sequence split.
     "odd_text_end_balanced": dict(grid=(3, 13, 22), text=7, pos="end", H=4, B=1, D=16, Dv=16, threshold=0.5,
                                   sta=None, qb=64, balance=True, split=None, pad=False, mask=False, gain=0.0),
-    # Text at the start, STA window unioned, 128-token query blocks, 5 heads (no divisor of 2 or 3).
+    # Text at the start, STA window unioned, 128-token query blocks, 5 heads (no divisor of 2 or 3),
+    # q, k, v as [B, S, H, D] memory seen through a transpose (what diffusers processors hold).
     "odd_text_start_sta_qb128": dict(grid=(3, 13, 22), text=5, pos="start", H=5, B=1, D=16, Dv=16, threshold=0.6,
-                                     sta=(1, 3, 3), qb=128, balance=False, split=None, pad=False, mask=False),
+                                     sta=(1, 3, 3), qb=128, balance=False, split=None, pad=False, mask=False,
+                                     strided=True),
     # Batch 2, balancing, torch.chunk split with every shard padded to the longest.
     "chunk_split_padded_batch2": dict(grid=(2, 9, 17), text=3, pos="end", H=5, B=2, D=16, Dv=16, threshold=0.4,
                                       sta=None, qb=64, balance=True, split="chunk", pad=True, mask=False, gain=0.0),
@@ -110,7 +112,7 @@ def _worker(rank: int, world: int, store: str, outdir: str) -> None:
                 if case["pad"] and n < c:
                     # Padding holds garbage on purpose: it must never reach an output.
                     x = torch.cat([x, torch.full_like(x[:, :, :1], 1e4).expand(-1, -1, c - n, -1)], dim=2)
-                local[key] = x.contiguous()
+                local[key] = x.transpose(1, 2).contiguous().transpose(1, 2) if case.get("strided") else x.contiguous()
             q, k, v = (local[x].requires_grad_(True) for x in "qkv")
             mask = None
             if case["mask"]:

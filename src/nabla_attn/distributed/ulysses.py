@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..attention import BACKENDS, Backend, make_layout, nabla_attention
-from ..grid import TokenLayout, VideoGrid, block_counts_on
+from ..grid import TILE, TokenLayout, VideoGrid, block_counts_on
 from ..masks import (
     QUERY_BLOCKS,
     BlockSparseMask,
@@ -168,29 +168,6 @@ def _gathers_on(
     return hit
 
 
-@functools.lru_cache(maxsize=32)
-def _natural_block_ids(layout: TokenLayout) -> torch.Tensor:
-    """Block id of every natural token (int64 ``[seq_len]``; text tokens get ids >= video blocks)."""
-    from ..grid import BLOCK_TOKENS
-
-    return layout.scatter_index() // BLOCK_TOKENS
-
-
-_device_ids: dict[tuple, torch.Tensor] = {}
-
-
-def _ids_on(layout: TokenLayout, a: int, b: int, device: torch.device) -> torch.Tensor:
-    """Block ids of natural tokens ``a .. b-1`` on ``device`` (cached: no host-to-device copy per call)."""
-    key = (layout, a, b, str(device))
-    hit = _device_ids.get(key)
-    if hit is None:
-        hit = _natural_block_ids(layout)[a:b].to(device)
-        if len(_device_ids) > 64:
-            _device_ids.clear()
-        _device_ids[key] = hit
-    return hit
-
-
 def _video_range(layout: TokenLayout) -> tuple[int, int]:
     start = layout.text_tokens if layout.text_position == "start" else 0
     return start, start + layout.grid.num_tokens
@@ -203,23 +180,57 @@ def _video_range(layout: TokenLayout) -> tuple[int, int]:
 def _block_means(
     q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, offset: int, n: int, group: ProcessGroup | None
 ) -> torch.Tensor:
-    """Float32 ``[2, B, H, video_blocks, D]`` block means of q and k over the full sequence."""
+    """Float32 ``[2, B, H, video_blocks, D]`` block means of q and k over the full sequence.
+
+    A contiguous shard of the frame-major video tokens is a run of grid rows (a partial first and
+    last row are padded with zeros), so each rank sums every row's 8-token tile segments with one
+    strided reduction that accumulates in float32 without a float32 copy of q or k, then adds the
+    row sums into their block rows (``index_add_`` over at most a few hundred rows). One all-reduce
+    completes the sums of blocks cut by shard boundaries.
+    """
     B, H, _, D = q.shape
+    g = layout.grid
+    R, C = g.tile_rows, g.tile_cols
     nv = layout.num_video_blocks
-    sums = torch.zeros(2, B, H, nv, D, dtype=torch.float32, device=q.device)
+    sums = torch.zeros(2, B, H, g.frames * R, C, D, dtype=torch.float32, device=q.device)
     # Text tokens sit at one end, so the video tokens of a contiguous shard are one contiguous range.
     v0, v1 = _video_range(layout)
     a, b = max(offset, v0), min(offset + n, v1)
     if b > a:
-        ids = _ids_on(layout, a, b, q.device)
+        va, vb = a - v0, b - v0  # video-local token range
+        row0, row1 = va // g.width, -(-vb // g.width)
+        front, back = va - row0 * g.width, row1 * g.width - vb
+        band = _band_ids_on(layout, row0, row1, q.device)
         for i, x in enumerate((q, k)):
             part = x[:, :, a - offset : b - offset]
-            for h0 in range(0, H, _POOL_HEADS):
-                h1 = min(H, h0 + _POOL_HEADS)
-                sums[i, :, h0:h1].index_add_(2, ids, part[:, h0:h1].float())
+            if front or back:
+                part = F.pad(part, (0, 0, front, back))
+            rows = part.unflatten(2, (row1 - row0, g.width))  # [B, H, rows, W, D] (a view)
+            if g.width % TILE:
+                rows = F.pad(rows, (0, 0, 0, C * TILE - g.width))
+            tile_sums = rows.unflatten(3, (C, TILE)).sum(4, dtype=torch.float32)  # [B, H, rows, C, D]
+            sums[i].index_add_(2, band, tile_sums)
+    sums = sums.view(2, B, H, nv, D)
     dist.all_reduce(sums, group=group)
     counts = block_counts_on(layout, q.device)[:nv].to(torch.float32)
     return sums / counts.view(1, 1, 1, -1, 1)
+
+
+_device_bands: dict[tuple, torch.Tensor] = {}
+
+
+def _band_ids_on(layout: TokenLayout, row0: int, row1: int, device: torch.device) -> torch.Tensor:
+    """Block row ``t * tile_rows + h // 8`` of grid rows ``row0 .. row1-1`` (rows counted over all frames)."""
+    key = (layout, row0, row1, str(device))
+    hit = _device_bands.get(key)
+    if hit is None:
+        rows = torch.arange(row0, row1)
+        t, h = rows // layout.grid.height, rows % layout.grid.height
+        hit = (t * layout.grid.tile_rows + h // TILE).to(device)
+        if len(_device_bands) > 64:
+            _device_bands.clear()
+        _device_bands[key] = hit
+    return hit
 
 
 def _tables_from_means(
