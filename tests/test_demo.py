@@ -14,7 +14,6 @@ pytest.importorskip("safetensors")
 from nabla_attn import TokenLayout, VideoGrid, nabla_mask_tiled, sta_mask, tile  # noqa: E402
 from nabla_attn.attention import run_backend  # noqa: E402
 from nabla_attn.demo import cli as demo_cli  # noqa: E402
-from nabla_attn.demo.gathered import gathered_block_attention  # noqa: E402
 from nabla_attn.demo.metrics import psnr, ssim  # noqa: E402
 from nabla_attn.demo.model import (  # noqa: E402
     CLASS_NAMES,
@@ -90,25 +89,6 @@ def test_threshold_one_equals_dense(model) -> None:
     finally:
         model.set_attention(None)
     torch.testing.assert_close(full, dense, atol=2e-4, rtol=0)
-
-
-@pytest.mark.parametrize("query_block", [64, 128])
-def test_gathered_backend_matches_reference(query_block: int) -> None:
-    torch.manual_seed(0)
-    grid = VideoGrid(3, 12, 20)  # edge tiles of 4 columns and 4 rows: padding inside blocks
-    layout = TokenLayout(grid)
-    q, k, v = (torch.randn(2, 3, grid.num_tokens, 32) for _ in range(3))
-    qt, kt, vt = (tile(t, layout) for t in (q, k, v))
-    masks = [
-        nabla_mask_tiled(qt, kt, layout, 0.5, query_block=query_block),
-        sta_mask(grid, (1, 1, 3), query_block=query_block),
-        random_block_mask(layout, 3, 0.3, seed=1, query_block=query_block),
-    ]
-    valid = layout.valid_tokens()
-    for m in masks:
-        ref = run_backend("reference", qt, kt, vt, m, 32**-0.5)
-        got = gathered_block_attention(qt, kt, vt, m)
-        torch.testing.assert_close(got[:, :, valid], ref[:, :, valid], atol=1e-5, rtol=1e-5)
 
 
 def test_random_block_mask_density_and_determinism() -> None:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from ..attention import nabla_attention
 from ..grid import TokenLayout, VideoGrid, tile, untile
 from ..masks import BlockSparseMask, nabla_mask_tiled, sta_mask
-from .gathered import gathered_block_attention
 
 CLASS_NAMES = ("bigbuckbunny", "bikes", "carphone")
 WEIGHTS_FILE = "tiny_wan_video.safetensors"
@@ -149,8 +148,8 @@ class MaskPolicy:
     density: float | None = None
     query_block: int = 64
     seed: int = 0
-    # "auto": nabla_attention's choice on CUDA, the gathered CPU path otherwise; or any
-    # nabla_attention backend name, or "gathered".
+    # "auto": nabla_attention's choice (Triton on CUDA, the gathering reference on CPU), or any
+    # nabla_attention backend name.
     backend: str = "auto"
     mask_fn: MaskFn | None = None
 
@@ -276,14 +275,8 @@ class SelfAttentionProcessor:
                     sta_window=p.sta_window if p.kind == "nabla+sta" else None,
                     query_block=p.query_block,
                 )
-            backend = p.backend
-            if backend == "auto" and not q.is_cuda:
-                backend = "gathered"  # the CPU path whose cost falls with density (see gathered.py)
-            if backend == "gathered":
-                out_t = gathered_block_attention(qt, kt, vt, used)
-            else:
-                out_t = nabla_attention(qt, kt, vt, self.grid, mask=used, backend=backend, layout="tiled",  # type: ignore[arg-type]
-                                        query_block=p.query_block)
+            out_t = nabla_attention(qt, kt, vt, self.grid, mask=used, backend=p.backend, layout="tiled",  # type: ignore[arg-type]
+                                    query_block=p.query_block)
             out = untile(out_t, layout)  # type: ignore[arg-type]
             rel = None
             if self.record_error:

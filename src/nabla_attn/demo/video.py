@@ -80,9 +80,9 @@ def plot_masks(masks: dict[str, torch.Tensor], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     n = len(masks)
-    cols = min(4, n)
+    cols = 3 if n % 3 == 0 and n % 4 else min(4, n)  # full rows: 6 panels as 2 x 3, not 4 + 2
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, kept) in zip(axes.flat, masks.items()):
