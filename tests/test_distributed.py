@@ -354,3 +354,28 @@ def test_fused_tables_from_means_match_eager() -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", _FUSED_CHECK], env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_wan_720p_gathers_move_whole_tile_rows(world: int) -> None:
+    # Wan 14B 720p on 2 or 4 ranks: both gathers around the attention move 8-token segments, and
+    # expanding the segment indices gives back the token indices of the general path.
+    from nabla_attn.grid import TokenLayout
+    from nabla_attn.distributed import ulysses as U
+
+    layout = TokenLayout(VideoGrid(21, 40, 80))
+    sizes = tuple(shard_sizes(layout.seq_len, world))
+    h_r = 40 // world
+    g_in, g_out, _, n_in, n_out = U._gathers_on(layout, sizes, h_r, 1, torch.device("cpu"))
+    assert (n_in, n_out) == (8, 8)
+    slot_of_tiled, tiled_of_slot, _ = U._slot_maps(layout, sizes)
+    c, T = max(sizes), layout.tiled_len
+    tokens_in = (g_in[:, None] * 8 + torch.arange(8)).reshape(1, h_r, T)
+    want_in = (slot_of_tiled // c * h_r + torch.arange(h_r).view(1, h_r, 1)) * c + slot_of_tiled % c
+    assert torch.equal(tokens_in, want_in)
+    tokens_out = (g_out[:, None] * 8 + torch.arange(8)).reshape(world, h_r, 1, c)
+    want_out = torch.arange(h_r).view(1, h_r, 1, 1) * T + tiled_of_slot.view(world, 1, 1, c)
+    assert torch.equal(tokens_out, want_out)
+    # An odd grid falls back to single tokens.
+    odd = U._gathers_on(TokenLayout(VideoGrid(3, 13, 22)), tuple(shard_sizes(858, 2)), 2, 1, torch.device("cpu"))
+    assert odd[3:] == (1, 1)
