@@ -338,7 +338,13 @@ for grid, text, pos, thr, win, qb in [((3, 13, 22), 7, "end", 0.5, None, 64), ((
     scores = qa @ ka.transpose(-1, -2) / math.sqrt(16)
     fast = _tables_fast(scores, lay, thr, win, qb)
     assert fast is not None, "fused kernel did not run"
-    assert torch.equal(fast, _eager_tables(scores, lay, thr, win, qb)), (grid, qb)
+    kept, (counts, idx) = fast
+    assert torch.equal(kept, _eager_tables(scores, lay, thr, win, qb)), (grid, qb)
+    # The kv lists written with the table are its row compaction.
+    assert torch.equal(counts, kept.sum(-1, dtype=torch.int32))
+    for row in [(0, 0, 0), (1, 2, kept.shape[2] - 1)]:
+        n = int(counts[row])
+        assert torch.equal(idx[row][:n].long(), torch.nonzero(kept[row]).squeeze(1)), row
 print("ok")
 """
 

@@ -276,19 +276,20 @@ def _tables_from_means(
     window: tuple[int, int, int] | None,
     query_block: int,
     head_dim: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """NABLA's block table from block means, the same steps as :func:`nabla_attn.nabla_mask_tiled`.
 
-    On CUDA this uses the fused Triton row kernel of :mod:`nabla_attn.kernels.mask_build` (the one
-    ``nabla_mask_tiled`` uses there), so one GPU and many GPUs select blocks by the same rule; on
-    CPU, or if that kernel cannot run, the eager definition.
+    On CUDA this uses the fused Triton row kernel (:func:`nabla_attn.kernels.mask_build.table_from_scores`,
+    the kernel ``nabla_mask_tiled`` uses there), so one GPU and many GPUs select blocks by the same
+    rule, and it also returns the kv lists the kernel writes; on CPU, or if that kernel cannot run,
+    the eager definition (lists None).
     """
     scores = qa @ ka.transpose(-1, -2) / math.sqrt(head_dim)
     if scores.is_cuda:
-        kept = _tables_fast(scores, layout, threshold, window, query_block)
-        if kept is not None:
-            return kept
-    return _eager_tables(scores, layout, threshold, window, query_block)
+        fast = _tables_fast(scores, layout, threshold, window, query_block)
+        if fast is not None:
+            return fast
+    return _eager_tables(scores, layout, threshold, window, query_block), None
 
 
 def _eager_tables(
@@ -305,42 +306,20 @@ _fast_failed: list[str] = []
 
 def _tables_fast(
     scores: torch.Tensor, layout: TokenLayout, threshold: float, window: tuple[int, int, int] | None, query_block: int
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
     """The fused row kernel on precomputed scores ``[B, H, Nv, Nv]``; None where it is unavailable."""
     if _fast_failed:
         return None
     try:
-        import triton
-
-        from ..kernels.mask_build import _nabla_rows_kernel
+        from ..kernels.mask_build import table_from_scores
     except Exception as exc:  # Triton or the kernel module missing: eager path
         _fast_failed.append(repr(exc))
         return None
     try:
-        from ..grid import BLOCK_TOKENS
-
-        scores = scores.contiguous()
-        B, H = scores.shape[:2]
-        nv, nb = layout.num_video_blocks, layout.num_blocks
-        group = query_block // BLOCK_TOKENS
-        nq = -(-nb // group)
-        kept = torch.empty(B, H, nq, nb, dtype=torch.bool, device=scores.device)
-        unused = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=scores.device)
+        # The cut as the fused builder computes it (1 - threshold rounded to float32).
         cut = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
-        wt, wr, wc = (w // 2 for w in window) if window is not None else (0, 0, 0)
-        _, tr, tc = layout.grid.block_grid
-        block = triton.next_power_of_2(nb)
-        _nabla_rows_kernel[(nq, B * H)](
-            scores, kept.view(torch.uint8), unused, unused,
-            scores.stride(0), scores.stride(1), scores.stride(2),
-            kept.stride(0), kept.stride(1), kept.stride(2),
-            unused.stride(0), unused.stride(1),
-            unused.stride(0), unused.stride(1), unused.stride(2),
-            H, nv, nb, nq, cut, wt, wr, wc, tr, tc,
-            HAS_THR=True, HAS_STA=window is not None, GROUP=group,
-            WRITE_LISTS=False, BLOCK=block, num_warps=4 if block <= 1024 else 8,
-        )  # fmt: skip
-        return kept
+        kept, lists = table_from_scores(scores, layout, cut, window, query_block, write_lists=True)
+        return kept, lists
     except Exception as exc:  # an API change in the kernel module must not break the op
         import logging
 
@@ -484,6 +463,7 @@ def ulysses_nabla_attention(
     if timer is not None:
         timer.start("mask")
     head_costs: list[int] | None = None
+    lists: tuple[torch.Tensor, torch.Tensor] | None = None
     counts = even_head_counts(H, P)
     with torch.no_grad():
         if mask is not None:
@@ -502,21 +482,23 @@ def ulysses_nabla_attention(
             means = _block_means(q, k, layout, offset, n_r, group)
             if balance:
                 plain = contiguous_heads(H, P)
-                kept_run = _tables_from_means(means[0][:, plain[rank]], means[1][:, plain[rank]], layout, threshold, window, query_block, D)
+                kept_run, lists = _tables_from_means(means[0][:, plain[rank]], means[1][:, plain[rank]], layout, threshold, window, query_block, D)
                 # Costs first (H integers): the tables move only if balancing is worth its copies.
                 head_costs = _all_gather_costs(kept_run, counts, group)
                 assignment = _pick_assignment(head_costs, P, balance_min_gain)
                 if assignment != plain:
                     kept_all = _all_gather_heads(kept_run, counts, group)
-                    kept_local = kept_all[:, assignment[rank]]
+                    kept_local, lists = kept_all[:, assignment[rank]], None
                 else:
                     assignment, kept_local = plain, kept_run
             else:
                 assignment = contiguous_heads(H, P)
                 local = assignment[rank]
-                kept_local = _tables_from_means(means[0][:, local], means[1][:, local], layout, threshold, window, query_block, D)
+                kept_local, lists = _tables_from_means(means[0][:, local], means[1][:, local], layout, threshold, window, query_block, D)
     local_heads = assignment[rank]
     local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
+    if lists is not None:  # kv lists written by the fused kernel for exactly these rows (the Triton backend reads them)
+        local_mask._cache["kv"] = lists
 
     # ---- all-to-all: sequence shards -> full sequence for own heads, in tiled order -------------
     # Copies are the cost here (a full-sequence q, k, v for a rank's heads is ~1 GB at Wan 14B
