@@ -26,13 +26,13 @@ def make_layout(grid: VideoGrid, text_tokens: int = 0, text_position: str = "end
     return TokenLayout(grid, text_tokens, text_position)  # type: ignore[arg-type]
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, token_layout: str) -> None:
-    """Shape, dtype and device checks with messages naming the offending values."""
+def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_name: str = "seq") -> None:
+    """Type, rank, shape, dtype and device checks of q, k, v with messages naming the values."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be [batch, heads, {seq_name}, head_dim], got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
     if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
@@ -44,6 +44,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLa
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, token_layout: str) -> None:
+    """:func:`check_tensors`, then the sequence length against the grid and text tokens."""
+    check_tensors(q, k, v)
     expected = layout.seq_len if token_layout == "natural" else layout.tiled_len
     if q.shape[2] != expected:
         g = layout.grid

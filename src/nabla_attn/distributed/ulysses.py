@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import BACKENDS, Backend, make_layout, nabla_attention
+from ..attention import BACKENDS, Backend, check_tensors, make_layout, nabla_attention
 from ..grid import TILE, TokenLayout, VideoGrid, block_counts_on
 from ..masks import (
     QUERY_BLOCKS,
@@ -55,7 +55,6 @@ from .comm import ProcessGroup, all_to_all_rows, group_size_rank
 from .partition import balance_heads, check_shard_sizes, contiguous_heads, even_head_counts, rank_loads, shard_sizes as default_sizes
 from .timing import PhaseTimer
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Heads converted to float32 at once while pooling (bounds the temporary copy).
 _POOL_HEADS = 8
 
@@ -87,22 +86,7 @@ class UlyssesInfo:
 
 
 def _check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [batch, heads, local_seq, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if q.shape != k.shape or q.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"q, k, v shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-            "(q and k must be equal; v may differ only in head_dim)"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    check_tensors(q, k, v, "local_seq")
 
 
 # ----------------------------------------------------------------------------------------------
