@@ -26,7 +26,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch

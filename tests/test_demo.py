@@ -11,8 +11,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("safetensors")
 
-from nabla_attn import TokenLayout, VideoGrid, nabla_mask_tiled, sta_mask, tile  # noqa: E402
-from nabla_attn.attention import run_backend  # noqa: E402
+from nabla_attn import TokenLayout, VideoGrid  # noqa: E402
 from nabla_attn.demo import cli as demo_cli  # noqa: E402
 from nabla_attn.demo.metrics import psnr, ssim  # noqa: E402
 from nabla_attn.demo.model import (  # noqa: E402

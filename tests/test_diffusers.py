@@ -154,7 +154,7 @@ def test_wan22_pipeline_two_experts_cfg_and_dense_steps() -> None:
         tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
         transformer=high, transformer_2=low, boundary_ratio=0.5,
     )  # fmt: skip
-    handle = apply_nabla(pipe, NablaConfig(threshold=0.5, dense_steps=2))
+    apply_nabla(pipe, NablaConfig(threshold=0.5, dense_steps=2))
     seen: list[tuple[int, int, list[str]]] = []
 
     def on_step(p: object, i: int, t: torch.Tensor, kw: dict) -> dict:

@@ -441,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
     import torch._dynamo as dynamo
 
     dynamo.config.recompile_limit = 64  # never fall back to eager (S x S scores) mid-sweep
-    from .backends.triton_kernel import DEFAULT_CONFIG, KernelConfig
+    from .backends.triton_kernel import DEFAULT_CONFIG
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
