@@ -43,6 +43,21 @@ def _chunk_attention(
     return torch.where(allowed.any(-1)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def _chunk_attention_all_keys(
+    q: torch.Tensor,  # [B, H, r, qb, D]
+    k: torch.Tensor,  # [B, H, S, D]
+    v: torch.Tensor,  # [B, H, S, Dv]
+    allowed: torch.Tensor,  # [B, H, r, S] key token is kept and real
+    scale: float,
+) -> torch.Tensor:
+    B, H, r, qb, D = q.shape
+    token_mask = allowed.unsqueeze(3).expand(B, H, r, qb, -1).reshape(B, H, r * qb, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(B, H, r * qb, D), k, v, attn_mask=token_mask, scale=scale
+    ).view(B, H, r, qb, -1)
+    return torch.where(allowed.any(-1)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> torch.Tensor:
@@ -69,6 +84,15 @@ def reference_attention(
         rows = max(1, _CHUNK_ELEMENTS // (B * H * kmax * BLOCK_TOKENS * max(qb, D)))
         stop = min(nq, start + rows)
         kmax = max(1, int(counts[:, :, start:stop].max()))
+        if 2 * kmax > nb:
+            # Gathering copies each kept key block once per query block: past half of all keys,
+            # masked attention over every key is cheaper (and computes the same softmax).
+            allowed = (mask.expand(B, H).kept[:, :, start:stop, :, None] & slot_real).flatten(-2)
+            args = (qc[:, :, start:stop], k.to(compute), v.to(compute), allowed, scale)
+            fn = _chunk_attention_all_keys
+            outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+            start = stop
+            continue
         used = torch.arange(kmax, device=q.device) < counts[:, :, start:stop, None]  # [B, H, r, kmax]
         chunk_idx = torch.where(used, idx[:, :, start:stop, :kmax].long(), 0)
         allowed = (used.unsqueeze(-1) & slot_real[chunk_idx]).flatten(-2)
