@@ -1,9 +1,10 @@
 """Eager block-sparse attention: the oracle every other backend is checked against.
 
 Runs on any device and dtype. Lower-precision inputs are computed in float32 and cast back; float64
-stays float64. For each query block it gathers only the kept key blocks, so its cost follows the kept
-density (it is faster than dense attention on a CPU at NABLA's densities), and it works through query
-blocks in chunks so no ``S x S`` matrix ever exists. Under autograd each chunk is recomputed in the
+stays float64. Where a chunk of query blocks keeps under half the key blocks, each query block
+gathers only its kept key blocks, so the cost follows the kept density; denser chunks attend over
+all keys with a token mask instead. It works through query blocks in chunks, so no ``S x S`` matrix
+ever exists. Under autograd each chunk is recomputed in the
 backward pass (activation checkpointing) for the same memory reason.
 """
 
