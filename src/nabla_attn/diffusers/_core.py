@@ -123,6 +123,21 @@ class NablaProcessorBase:
     # Subclasses define ``__call__`` with the original processor's explicit parameter names:
     # diffusers' ``Attention.forward`` drops keyword arguments a processor's signature does not name.
 
+    # diffusers' ``enable_parallelism`` configures every processor that has these attributes. They
+    # live on the original processor, so its dense steps run context-parallel too, whichever of
+    # apply_nabla and enable_parallelism came first.
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, config: Any) -> None:
+        self.original._parallel_config = config
+
+    @property
+    def _attention_backend(self) -> Any:
+        return getattr(self.original, "_attention_backend", None)
+
     def sparse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, text_position: str, record: bool = True
     ) -> torch.Tensor:
@@ -135,6 +150,14 @@ class NablaProcessorBase:
                 f"{self.name}: NABLA does not know the video grid. Call the transformer itself (its forward "
                 "records the grid), or set it with NablaHandle.set_grid(VideoGrid(...)) before calling blocks directly."
             )
+        group = _ulysses_group(self._parallel_config)
+        if group is not None:
+            if state.tiled:
+                raise ValueError(
+                    f"{self.name}: tiling once per forward does not combine with context parallelism; "
+                    "use NablaConfig(tiling='layer') (or 'auto')"
+                )
+            return _sparse_ulysses(self, q, k, v, grid, text_tokens, text_position, record, group)
         if state.tiled:
             return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record, "tiled")
         expected = grid.num_tokens + text_tokens
@@ -166,6 +189,37 @@ def _sparse_eager(
         density = mask.kept.float().mean()
         if record:
             state.record(proc.name, density)
+        else:
+            proc.pending.append(density)
+    return out
+
+
+def _ulysses_group(parallel_config: Any) -> Any:
+    if parallel_config is None:
+        return None
+    from ..distributed.integrations import diffusers_ulysses_group
+
+    return diffusers_ulysses_group(parallel_config)
+
+
+@torch._dynamo.disable
+def _sparse_ulysses(
+    proc: NablaProcessorBase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    grid: VideoGrid, text_tokens: int, text_position: str, record: bool, group: Any,
+) -> torch.Tensor:  # fmt: skip
+    """Context-parallel (Ulysses) model: q, k, v are this rank's sequence shard; NABLA runs over the
+    whole sequence for the heads assigned to this rank. Stats cover this rank's heads."""
+    from ..distributed import ulysses_nabla_attention
+
+    cfg = proc.state.session.config
+    out, info = ulysses_nabla_attention(
+        q, k, v, grid, cfg.threshold, cfg.sta_window, text_tokens, text_position,
+        group=group, backend=cfg.backend, query_block=cfg.query_block, return_info=True,
+    )  # fmt: skip
+    if cfg.collect_stats:
+        density = info.mask.kept.float().mean()
+        if record:
+            proc.state.record(proc.name, density)
         else:
             proc.pending.append(density)
     return out
