@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")
 sys.path.insert(0, os.path.dirname(__file__))
 import diffusers_models  # noqa: E402
+from gloo_spawn import spawn_and_wait  # noqa: E402
 
 from nabla_attn.diffusers import NablaConfig, apply_nabla  # noqa: E402
 
@@ -87,21 +86,7 @@ def test_context_parallel_matches_single_process(tmp_path: Path) -> None:
         want = _two_steps(model, inputs)
     assert handle.stats().overall < 0.99  # the second step really is sparse
 
-    ctx = mp.start_processes(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{WORLD} gloo workers did not finish within {DEADLINE_S} s")
-    except Exception as exc:
-        errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error.*.txt")))
-        raise AssertionError(f"context-parallel workers failed:\n{errors}") from exc
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_and_wait(_worker, (str(tmp_path / "store"), str(tmp_path)), WORLD, tmp_path, DEADLINE_S, "context-parallel")
     tokens = diffusers_models.FRAMES * diffusers_models.HEIGHT * diffusers_models.WIDTH
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"out.{rank}.pt")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_spawn import spawn_and_wait
 from nabla_attn import VideoGrid, nabla_attention
 from nabla_attn.distributed import (
     UlyssesInfo,
@@ -178,21 +177,7 @@ def _diffusers_case(rank: int, world: int, outdir: str) -> None:
 def _spawn(world: int, tmp: Path) -> Path:
     outdir = tmp / f"world{world}"
     outdir.mkdir()
-    ctx = mp.start_processes(_worker, args=(world, str(tmp / f"store{world}"), str(outdir)), nprocs=world,
-                             join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} gloo workers did not finish within {DEADLINE_S} s")
-    except Exception as exc:
-        errors = "\n".join(p.read_text() for p in sorted(outdir.glob("error.*.txt")))
-        raise AssertionError(f"distributed workers failed:\n{errors}") from exc
-    finally:
-        for p in ctx.processes:  # only the processes this test started
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_and_wait(_worker, (world, str(tmp / f"store{world}"), str(outdir)), world, outdir, DEADLINE_S, "distributed")
     return outdir
 
 

@@ -7,46 +7,28 @@ On the CPU the kernels run through Triton's interpreter at small, odd sizes (3x1
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-# Triton's interpreter must be switched on before Triton is first imported (see test_fast_mask.py);
-# if something imported Triton earlier, this file re-runs itself in a fresh process.
-_ON_CPU = not torch.cuda.is_available()
-_IN_PROCESS = True
-if _ON_CPU:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        _IN_PROCESS = False
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"
+# Must come before anything imports Triton: it switches the CPU interpreter on (triton_interpret.py).
+from triton_interpret import DEVICE, only_in_process, rerun_in_fresh_process
+
 pytest.importorskip("triton")
 
 from nabla_attn import TokenLayout, VideoGrid, nabla_attention, tile  # noqa: E402
 from nabla_attn.backends.reference import reference_attention  # noqa: E402
 from nabla_attn.masks import BlockSparseMask  # noqa: E402
 
-DEVICE = "cpu" if _ON_CPU else "cuda"
 LAYOUT = TokenLayout(VideoGrid(3, 13, 22), 7)
 GRID = LAYOUT.grid
 
 
 def test_in_fresh_process_when_triton_was_imported_first() -> None:
-    if _IN_PROCESS:
-        pytest.skip("running in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rerun_in_fresh_process(__file__)
 
 
-@pytest.fixture(autouse=True)
-def _only_in_process(request: pytest.FixtureRequest) -> None:
-    if not _IN_PROCESS and request.node.name != "test_in_fresh_process_when_triton_was_imported_first":
-        pytest.skip("runs in a fresh process (see test_in_fresh_process_when_triton_was_imported_first)")
+_only_in_process = only_in_process  # autouse fixture, see triton_interpret.py
 
 
 def _inputs(B: int, H: int, D: int, seed: int, dtype: torch.dtype = torch.float32):
