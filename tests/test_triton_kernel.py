@@ -57,6 +57,10 @@ CONFIGS = {
     "q64_tile64": (64, {"tile_m_for_64": 64}),
     "q64_tile128_submask_bwd128": (64, {"tile_m_for_64": 128, "bwd_tile_m": 128}),
     "q64_tma": (64, {"tma": True, "tile_m_for_64": 128}),
+    "q64_prefetch": (64, {"prefetch": True}),
+    "q128_prefetch_nofold": (128, {"prefetch": True, "fold": False}),
+    "q64_tile128_submask_prefetch": (64, {"tile_m_for_64": 128, "prefetch": True}),
+    "q64_ws": (64, {"ws": True}),
 }
 
 
@@ -81,6 +85,26 @@ def test_forward_backward_matches_float64(name: str) -> None:
     # Empty row: output and its query gradient are exactly 0 (not NaN).
     rows = slice(query_block, 2 * query_block)
     assert out[0, 0, rows].abs().max() == 0 and a.grad[0, 0, rows].abs().max() == 0
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("scale", [0.3, -0.2])
+def test_whole_blocks_and_negative_scale(prefetch: bool, scale: float) -> None:
+    """A grid of whole 8x8 tiles has no padding slot, so the kernel skips the validity mask; a
+    negative scale cannot fold into exp2 (the row max of the scaled scores is then a min)."""
+    from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
+
+    layout = TokenLayout(VideoGrid(3, 8, 16), 0)
+    assert layout.tiled_len == layout.seq_len
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 32, generator=g).to(DEVICE) for _ in range(3))
+    kept = torch.rand(1, 2, layout.num_blocks, layout.num_blocks, generator=g) < 0.5
+    kept[0, 1, 0] = False
+    mask = BlockSparseMask(kept.to(DEVICE), layout, 64)
+    out = triton_attention(q, k, v, mask, scale, KernelConfig(prefetch=prefetch))
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, scale)
+    assert float((out.double() - ref).norm() / ref.norm()) < 2e-5
+    assert torch.all(out[0, 1, :64] == 0)
 
 
 def test_broadcast_head_mask_and_batch() -> None:

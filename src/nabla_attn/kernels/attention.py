@@ -59,14 +59,47 @@ def _key_tile(IDX_row, BCNT, j, cnt, PAIR: tl.constexpr):
 
 
 @triton.jit
+def _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale,
+                MASKED: tl.constexpr, FOLD: tl.constexpr, IEEE: tl.constexpr):
+    """One online-softmax update with raw scores ``s = q.k^T`` of a key tile and its ``v``.
+
+    The running max ``m_i`` and the saved log-sum-exp are in base-2 units (scores x scale x log2 e).
+    """
+    if FOLD:
+        # scale > 0: max(s) * scale is the max of the scaled scores, and the scaling folds into
+        # the exp2 argument as one fused multiply-add per score.
+        if MASKED:
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # Rows that have seen no valid key yet keep m = -inf; subtract 0 instead (no inf - inf).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    else:
+        s = s * qk_scale
+        if MASKED:
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAIR: tl.constexpr,
-    SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+    SUBMASK: tl.constexpr, IEEE: tl.constexpr, PAD: tl.constexpr, FOLD: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    """``PAD``: some key blocks have padding slots (else no per-score validity mask is applied).
+    ``FOLD``: the softmax scale is positive and folds into exp2. ``PREFETCH``: the next key tile's
+    scores are issued before this tile's softmax (software-pipelined Q.K^T)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -83,30 +116,43 @@ def _attn_fwd(
         sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
         has_sub1 = 2 * pid_m + 1 < NQ64
         top = offs_m < pid_m * BLOCK_M + 64
+    MASKED: tl.constexpr = PAD or SUBMASK or PAIR
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    STEP: tl.constexpr = 2 if PAIR else 1
-    for j in range(0, cnt, STEP):
-        tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, PAIR)
-        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
-        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
-        s = _mm(q, tl.trans(k), IEEE) * qk_scale
-        valid = ok_n[None, :]
-        if SUBMASK:
-            bit0 = tl.load(sub0 + kb)
-            bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
-            valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows that have seen no valid key yet keep m = -inf; subtract 0 instead (no inf - inf).
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+    if PREFETCH:
+        offs_n = tl.arange(0, 64)
+        kb_next = tl.load(idx_row, mask=cnt > 0, other=0)
+        k = tl.load(k_base + (kb_next * 64 + offs_n)[:, None] * sk_s + offs_d[None, :])
+        s_next = _mm(q, tl.trans(k), IEEE)
+        for j in range(0, cnt):
+            s = s_next
+            kb = tl.load(idx_row + j)
+            v = tl.load(v_base + (kb * 64 + offs_n)[:, None] * sv_s + offs_d[None, :])
+            # The last step recomputes its own tile instead of reading past the list.
+            kb_next = tl.load(idx_row + tl.minimum(j + 1, cnt - 1))
+            k = tl.load(k_base + (kb_next * 64 + offs_n)[:, None] * sk_s + offs_d[None, :])
+            s_next = _mm(q, tl.trans(k), IEEE)
+            valid = (offs_n < tl.load(BCNT + kb))[None, :]
+            if SUBMASK:
+                bit0 = tl.load(sub0 + kb)
+                bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
+                valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+    else:
+        STEP: tl.constexpr = 2 if PAIR else 1
+        for j in range(0, cnt, STEP):
+            tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, PAIR)
+            k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
+            v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
+            valid = ok_n[None, :]
+            if SUBMASK:
+                bit0 = tl.load(sub0 + kb)
+                bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
+                valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
+            s = _mm(q, tl.trans(k), IEEE)
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -235,6 +281,7 @@ def _attn_fwd_tma(
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+    PAD: tl.constexpr, FOLD: tl.constexpr,
 ):
     """:func:`_attn_fwd` with K/V tiles fetched by the Hopper bulk tensor copy engine (TMA).
 
@@ -257,28 +304,75 @@ def _attn_fwd_tma(
         sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
         has_sub1 = 2 * pid_m + 1 < NQ64
         top = offs_m < pid_m * BLOCK_M + 64
+    MASKED: tl.constexpr = PAD or SUBMASK
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for j in range(0, cnt):
         kb = tl.load(idx_row + j)
-        nval = tl.load(BCNT + kb)
         k = DK.load([row0 + kb * 64, 0])
         v = DV.load([row0 + kb * 64, 0])
-        s = _mm(q, tl.trans(k), IEEE) * qk_scale
-        valid = (offs_n < nval)[None, :]
+        valid = (offs_n < tl.load(BCNT + kb))[None, :]
         if SUBMASK:
             bit0 = tl.load(sub0 + kb)
             bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
             valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        s = _mm(q, tl.trans(k), IEEE)
+        m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+    has = l_i > 0.0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
+    tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_fwd_ws(
+    Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
+    sq_b, sq_h, sq_s, so_b, so_h, so_s,
+    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
+    H, S, NQ64, qk_scale, TOTAL,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+    PAD: tl.constexpr, FOLD: tl.constexpr,
+):
+    """Experimental: :func:`_attn_fwd_tma` with device-side descriptors and Triton's automatic warp
+    specialisation of the key loop (load, MMA and softmax partitions). K and V are contiguous
+    ``[B*H*S, D]`` (``TOTAL`` rows)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    desc_k = tl.make_tensor_descriptor(K, shape=[TOTAL, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[64, HEAD_DIM])
+    desc_v = tl.make_tensor_descriptor(V, shape=[TOTAL, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[64, HEAD_DIM])
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, 64)
+    row_ok = offs_m < S
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
+    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    row0 = bh * S
+    if SUBMASK:
+        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+        has_sub1 = 2 * pid_m + 1 < NQ64
+        top = offs_m < pid_m * BLOCK_M + 64
+    MASKED: tl.constexpr = PAD or SUBMASK
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for j in tl.range(0, cnt, warp_specialize=True):
+        kb = tl.load(idx_row + j)
+        k = desc_k.load([row0 + kb * 64, 0])
+        v = desc_v.load([row0 + kb * 64, 0])
+        valid = (offs_n < tl.load(BCNT + kb))[None, :]
+        if SUBMASK:
+            bit0 = tl.load(sub0 + kb)
+            bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
+            valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+        s = _mm(q, tl.trans(k), IEEE)
+        m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
