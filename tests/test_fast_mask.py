@@ -112,25 +112,6 @@ def test_fast_mask_ties_kept_together() -> None:
         assert fast.kept[:, 1].all(), "a uniform row is one tie: all kept"
 
 
-@pytest.mark.parametrize("radix", [2, 3, 4])
-def test_radix_select_finds_the_same_cut(radix: int) -> None:
-    """Several pivots per step (fewer synchronising steps) land on the same cut value as bisection."""
-    from nabla_attn.kernels.mask_build import table_from_scores
-
-    q, k = _qk(6, B=1, H=2)
-    nv = LAYOUT.num_video_blocks
-    qa, ka = pool_blocks(q, LAYOUT)[:, :, :nv], pool_blocks(k, LAYOUT)[:, :, :nv]
-    scores = qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    for threshold in (0.3, 0.7, 0.95):
-        cut = float(torch.tensor(1.0 - threshold, dtype=torch.float32))
-        base, _ = table_from_scores(scores, LAYOUT, cut, None, 64)
-        got, _ = table_from_scores(scores, LAYOUT, cut, None, 64, radix=radix, row_warps=2)
-        differ = got != base
-        assert not (differ & ~_near_cut(q, k, threshold)).any()
-        if threshold == 0.3:
-            assert base[..., :nv, :nv].float().mean() < 0.7, "the cut must bite"
-
-
 def test_fast_mask_nonfinite_rows_keep_everything() -> None:
     q, k = _qk(5, B=1, H=1)
     q[0, 0, 64 * 4 + 3] = float("nan")  # a token of video block 4

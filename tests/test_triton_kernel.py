@@ -52,15 +52,17 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 CONFIGS = {
-    "q128": (128, {}),
+    "q128": (128, {"tma": False}),
     "q128_pair_bwd128": (128, {"pair": True, "bwd_tile_m": 128}),
     "q64_tile64": (64, {"tile_m_for_64": 64}),
     "q64_tile128_submask_bwd128": (64, {"tile_m_for_64": 128, "bwd_tile_m": 128}),
     "q64_tma": (64, {"tma": True, "tile_m_for_64": 128}),
-    "q64_prefetch": (64, {"prefetch": True}),
-    "q128_prefetch_nofold": (128, {"prefetch": True, "fold": False}),
-    "q64_tile128_submask_prefetch": (64, {"tile_m_for_64": 128, "prefetch": True}),
-    "q64_ws": (64, {"ws": True}),
+    "q64_prefetch": (64, {"prefetch": True, "tma": False}),
+    "q64_tma_prefetch": (64, {"prefetch": True}),
+    "q128_prefetch_nofold": (128, {"prefetch": True, "fold": False, "tma": False}),
+    "q128_tma_nofold": (128, {"fold": False}),
+    "q64_tile128_submask_prefetch": (64, {"tile_m_for_64": 128, "prefetch": True, "tma": False}),
+    "q64_tile128_submask_tma_prefetch": (64, {"tile_m_for_64": 128, "prefetch": True}),
 }
 
 
@@ -87,9 +89,10 @@ def test_forward_backward_matches_float64(name: str) -> None:
     assert out[0, 0, rows].abs().max() == 0 and a.grad[0, 0, rows].abs().max() == 0
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("scale", [0.3, -0.2])
-def test_whole_blocks_and_negative_scale(prefetch: bool, scale: float) -> None:
+def test_whole_blocks_and_negative_scale(tma: bool, prefetch: bool, scale: float) -> None:
     """A grid of whole 8x8 tiles has no padding slot, so the kernel skips the validity mask; a
     negative scale cannot fold into exp2 (the row max of the scaled scores is then a min)."""
     from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
@@ -101,9 +104,15 @@ def test_whole_blocks_and_negative_scale(prefetch: bool, scale: float) -> None:
     kept = torch.rand(1, 2, layout.num_blocks, layout.num_blocks, generator=g) < 0.5
     kept[0, 1, 0] = False
     mask = BlockSparseMask(kept.to(DEVICE), layout, 64)
-    out = triton_attention(q, k, v, mask, scale, KernelConfig(prefetch=prefetch))
-    ref = reference_attention(q.double(), k.double(), v.double(), mask, scale)
-    assert float((out.double() - ref).norm() / ref.norm()) < 2e-5
+    a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
+    out = triton_attention(a, b, c, mask, scale, KernelConfig(prefetch=prefetch, tma=tma))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    a64, b64, c64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(a64, b64, c64, mask, scale)
+    ref.backward(grad.double())
+    for got, want in ((out, ref), (a.grad, a64.grad), (b.grad, b64.grad), (c.grad, c64.grad)):
+        assert float((got.double() - want).norm() / want.norm()) < 2e-5
     assert torch.all(out[0, 1, :64] == 0)
 
 

@@ -313,8 +313,8 @@ def sweep_variants(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, layout:
     _, m = threshold_for_density(qt, kt, layout, 0.1, 128)
     _, m64 = threshold_for_density(qt, kt, layout, 0.1, 64)
     D0 = DEFAULT_CONFIG
-    fwd_cfgs = [D0, replace(D0, fwd_warps=8, fwd_stages=3), replace(D0, pair=True, fwd_warps=8, fwd_stages=3),
-                replace(D0, tma=True, fwd_warps=8, fwd_stages=3), replace(D0, fwd_warps=8, fwd_stages=2)]
+    fwd_cfgs = [D0, replace(D0, tma=False), replace(D0, prefetch=True), replace(D0, fwd_warps=8, fwd_stages=3),
+                replace(D0, pair=True, fwd_warps=8, fwd_stages=3)]
     bwd_cfgs = [D0, replace(D0, bwd_tile_m=128, dq_warps=8, dkdv_warps=8),
                 replace(D0, dq_stages=3, dkdv_stages=3), replace(D0, dq_stages=1, dkdv_stages=1)]
     rows: list[dict[str, Any]] = []

@@ -32,22 +32,22 @@ _LOG2E = 1.4426950408889634
 class KernelConfig:
     """Launch choices. ``tile_m_for_64``: query tile for ``query_block=64`` tables (64 = one row per
     tile; 128 = two rows per tile with per-half masking). ``pair``: 128-wide key tiles from two
-    listed blocks. ``tma``: K/V tiles by tensor descriptors (forward; not with ``pair``).
-    ``ws``: device-side descriptors + Triton's automatic warp specialisation (experimental).
+    listed blocks. ``tma``: K/V tiles by tensor descriptors on Hopper and newer (forward; not with
+    ``pair``; other cards run the pointer-load kernel).
     ``prefetch``: issue the next key tile's Q.K^T before this tile's softmax. ``fold``: fold the
     softmax scale into exp2 (used only when the scale is positive). ``mask_full_blocks``: apply the
     per-key validity mask even when no block has padding (for measuring what skipping it saves).
     ``bwd_tile_m``: query tile of the backward kernels; 64 runs a 128-row table as its 64-row
     expansion (measured 1.5x faster than 128-row tiles on H100). Warps/stages per kernel."""
 
-    # Defaults measured on H100 (benchmarks/results, docs/kernel-notes.md): 64-row tiles for
-    # 64-row tables (23.4 ms vs 31.1 ms with 128-row tiles + per-half masks at 10% density),
-    # 4 warps / 2 stages forward (21.3 ms vs 22.5 ms for 8 / 3), plain 64-row key tiles (pairs
-    # and TMA were not faster).
+    # Defaults measured (docs/kernel-notes.md): 64-row tiles for 64-row tables (H100: 23.4 ms vs
+    # 31.1 ms with 128-row tiles + per-half masks at 10% density), 4 warps / 2 stages forward
+    # (21.3 ms vs 22.5 ms for 8 / 3), plain 64-row key tiles (pairs were not faster); TMA loads
+    # once the scale fold and the skipped validity mask shortened the softmax (H200, Wan 14B
+    # 720p, 10%: 18.1 vs 21.1 ms with 128-row tables, 21.4 vs 22.9 ms with 64-row tables).
     tile_m_for_64: int = 64
     pair: bool = False
-    tma: bool = False
-    ws: bool = False
+    tma: bool = True
     prefetch: bool = False
     fold: bool = True
     mask_full_blocks: bool = False
@@ -86,6 +86,13 @@ def check_supported(q: torch.Tensor) -> str | None:
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} (the Triton kernel supports {HEAD_DIMS})"
     return None
+
+
+def _has_tma(q: torch.Tensor) -> bool:
+    """Hopper or newer (the bulk tensor copy engine), or the interpreter, which emulates it."""
+    if q.is_cuda:
+        return torch.cuda.get_device_capability(q.device) >= (9, 0)
+    return _interpreting()
 
 
 def _bh_strides(t: torch.Tensor) -> tuple[int, int]:
@@ -162,19 +169,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         ieee = q.dtype == torch.float32
         warps = cfg.fwd_warps if tile_m == 128 else 4
         lists = (*_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2))
-        if cfg.ws:
-            import triton
-
-            from ..kernels.attention import _attn_fwd_ws
-
-            triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=q.device))
-            _attn_fwd_ws[(n_tiles, B * H)](
-                q, k, v, o, lse, cnt, idx, bcnt, sub, *_strides(q), *_strides(o), *lists,
-                H, S, mask.kept.shape[2], scale * _LOG2E, B * H * S,
-                BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=ieee, PAD=pad, FOLD=fold,
-                num_warps=warps, num_stages=cfg.fwd_stages,
-            )
-        elif cfg.tma and not cfg.pair:
+        if cfg.tma and not cfg.pair and _has_tma(q):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             from ..kernels.attention import _attn_fwd_tma
@@ -186,7 +181,7 @@ class _BlockSparseAttention(torch.autograd.Function):
                 *_strides(q), *_strides(o), *lists,
                 H, S, mask.kept.shape[2], scale * _LOG2E,
                 BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=ieee, PAD=pad, FOLD=fold,
-                num_warps=warps, num_stages=cfg.fwd_stages,
+                PREFETCH=cfg.prefetch, num_warps=warps, num_stages=cfg.fwd_stages,
             )
         else:
             _attn_fwd[(n_tiles, B * H)](
@@ -216,6 +211,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         qcnt, qidx = _q_lists(mask, tile_m, submask)
         sub = mask.kept.view(torch.uint8)
         bcnt = block_counts_on(mask.layout, q.device)
+        pad = cfg.mask_full_blocks or mask.layout.tiled_len != mask.layout.seq_len
         delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
         _attn_bwd_delta[(-(-S // 128), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, S, BLOCK_M=128, HEAD_DIM=D, num_warps=8,
@@ -229,14 +225,14 @@ class _BlockSparseAttention(torch.autograd.Function):
             q, k, v, do, dq, lse, delta, cnt, idx, bcnt, sub, *common,
             *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
             H, S, mask.kept.shape[2], scale * _LOG2E, scale,
-            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad,
             num_warps=min(cfg.dq_warps, warps_m), num_stages=cfg.dq_stages,
         )
         _attn_bwd_dkdv[(S // BLOCK_TOKENS, B * H)](
             q, k, v, do, dk, dv, lse, delta, qcnt, qidx, bcnt, sub, *common,
             *_bh_strides(qcnt), *_bh_strides(qidx), qidx.stride(2), *_bh_strides(sub), sub.stride(2),
             H, S, mask.kept.shape[2], scale * _LOG2E, scale,
-            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad,
             num_warps=min(cfg.dkdv_warps, warps_m), num_stages=cfg.dkdv_stages,
         )
         return dq, dk, dv, None, None, None

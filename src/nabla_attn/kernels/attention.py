@@ -184,6 +184,7 @@ def _attn_bwd_dq(
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+    PAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -209,13 +210,14 @@ def _attn_bwd_dq(
         tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, False)
         k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
         v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
-        s = _mm(q, tl.trans(k), IEEE) * qk_scale
-        valid = ok_n[None, :]
-        if SUBMASK:
-            bit0 = tl.load(sub0 + kb)
-            bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
-            valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        p = tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        if PAD or SUBMASK:
+            valid = ok_n[None, :]
+            if SUBMASK:
+                bit0 = tl.load(sub0 + kb)
+                bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
+                valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
+            p = tl.where(valid, p, 0.0)
         dp = _mm(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE)
@@ -231,6 +233,7 @@ def _attn_bwd_dkdv(
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
+    PAD: tl.constexpr,
 ):
     kb = tl.program_id(0)
     bh = tl.program_id(1)
@@ -257,14 +260,16 @@ def _attn_bwd_dkdv(
         do = tl.load(do_base + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
         lse = tl.load(LSE + bh * S + offs_m, mask=ok_m, other=float("inf"))
         delta = tl.load(DELTA + bh * S + offs_m, mask=ok_m, other=0.0)
-        s_t = _mm(k, tl.trans(q), IEEE) * qk_scale
-        valid = ok_n[:, None] & ok_m[None, :]
-        if SUBMASK:
-            bit0 = tl.load(sub_base + (2 * qt) * u_r)
-            bit1 = tl.load(sub_base + (2 * qt + 1) * u_r, mask=2 * qt + 1 < NQ64, other=0)
-            top = offs_m < qt * BLOCK_M + 64
-            valid = valid & (tl.where(top, bit0, bit1) != 0)[None, :]
-        p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        # Query rows past S load lse = +inf, so their probabilities are exactly 0 without a mask.
+        p_t = tl.math.exp2(_mm(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
+        if PAD or SUBMASK:
+            valid = ok_n[:, None] & ok_m[None, :]
+            if SUBMASK:
+                bit0 = tl.load(sub_base + (2 * qt) * u_r)
+                bit1 = tl.load(sub_base + (2 * qt + 1) * u_r, mask=2 * qt + 1 < NQ64, other=0)
+                top = offs_m < qt * BLOCK_M + 64
+                valid = valid & (tl.where(top, bit0, bit1) != 0)[None, :]
+            p_t = tl.where(valid, p_t, 0.0)
         dv += _mm(p_t.to(do.dtype), do, IEEE)
         dp_t = _mm(v, tl.trans(do), IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -281,7 +286,7 @@ def _attn_fwd_tma(
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr, FOLD: tl.constexpr,
+    PAD: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """:func:`_attn_fwd` with K/V tiles fetched by the Hopper bulk tensor copy engine (TMA).
 
@@ -308,17 +313,35 @@ def _attn_fwd_tma(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in range(0, cnt):
-        kb = tl.load(idx_row + j)
-        k = DK.load([row0 + kb * 64, 0])
-        v = DV.load([row0 + kb * 64, 0])
-        valid = (offs_n < tl.load(BCNT + kb))[None, :]
-        if SUBMASK:
-            bit0 = tl.load(sub0 + kb)
-            bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
-            valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
-        s = _mm(q, tl.trans(k), IEEE)
-        m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+    if PREFETCH:
+        kb_next = tl.load(idx_row, mask=cnt > 0, other=0)
+        k = DK.load([row0 + kb_next * 64, 0])
+        s_next = _mm(q, tl.trans(k), IEEE)
+        for j in range(0, cnt):
+            s = s_next
+            kb = tl.load(idx_row + j)
+            v = DV.load([row0 + kb * 64, 0])
+            kb_next = tl.load(idx_row + tl.minimum(j + 1, cnt - 1))
+            k = DK.load([row0 + kb_next * 64, 0])
+            s_next = _mm(q, tl.trans(k), IEEE)
+            valid = (offs_n < tl.load(BCNT + kb))[None, :]
+            if SUBMASK:
+                bit0 = tl.load(sub0 + kb)
+                bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
+                valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+    else:
+        for j in range(0, cnt):
+            kb = tl.load(idx_row + j)
+            k = DK.load([row0 + kb * 64, 0])
+            v = DV.load([row0 + kb * 64, 0])
+            valid = (offs_n < tl.load(BCNT + kb))[None, :]
+            if SUBMASK:
+                bit0 = tl.load(sub0 + kb)
+                bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
+                valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+            s = _mm(q, tl.trans(k), IEEE)
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -327,56 +350,3 @@ def _attn_fwd_tma(
     lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)
 
-
-@triton.jit
-def _attn_fwd_ws(
-    Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
-    sq_b, sq_h, sq_s, so_b, so_h, so_s,
-    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
-    H, S, NQ64, qk_scale, TOTAL,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr, FOLD: tl.constexpr,
-):
-    """Experimental: :func:`_attn_fwd_tma` with device-side descriptors and Triton's automatic warp
-    specialisation of the key loop (load, MMA and softmax partitions). K and V are contiguous
-    ``[B*H*S, D]`` (``TOTAL`` rows)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    desc_k = tl.make_tensor_descriptor(K, shape=[TOTAL, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[64, HEAD_DIM])
-    desc_v = tl.make_tensor_descriptor(V, shape=[TOTAL, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[64, HEAD_DIM])
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, 64)
-    row_ok = offs_m < S
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
-    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
-    row0 = bh * S
-    if SUBMASK:
-        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
-        has_sub1 = 2 * pid_m + 1 < NQ64
-        top = offs_m < pid_m * BLOCK_M + 64
-    MASKED: tl.constexpr = PAD or SUBMASK
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for j in tl.range(0, cnt, warp_specialize=True):
-        kb = tl.load(idx_row + j)
-        k = desc_k.load([row0 + kb * 64, 0])
-        v = desc_v.load([row0 + kb * 64, 0])
-        valid = (offs_n < tl.load(BCNT + kb))[None, :]
-        if SUBMASK:
-            bit0 = tl.load(sub0 + kb)
-            bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
-            valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
-        s = _mm(q, tl.trans(k), IEEE)
-        m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
-    tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)

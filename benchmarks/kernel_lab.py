@@ -1,0 +1,121 @@
+"""Kernel lab (issue 3): time forward-kernel and mask-builder variants side by side on one card.
+
+Not the user-facing benchmark (that is ``nabla bench``): this script answers "which variant is
+faster, by how much" in one process, against the cuDNN dense forward measured in the same run.
+Each variant's output is compared with the library default's (max abs difference), so a fast but
+wrong variant shows at once. Prints a table and writes JSON.
+
+    PYTHONPATH=src python benchmarks/kernel_lab.py --out lab.json
+    PYTHONPATH=src python benchmarks/kernel_lab.py --smoke        # tiny sizes, any CUDA card
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import traceback
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from nabla_attn import TokenLayout, VideoGrid  # noqa: E402
+from nabla_attn.backends.triton_kernel import DEFAULT_CONFIG, triton_attention  # noqa: E402
+from nabla_attn.bench import _dense_sdpa, structured_qkv, threshold_for_density, time_ms  # noqa: E402
+from nabla_attn.kernels.mask_build import pool_blocks_lean, table_from_scores  # noqa: E402
+
+D0 = DEFAULT_CONFIG
+OLD = replace(D0, fold=False, mask_full_blocks=True, tma=False)  # the kernel of the previous session
+FWD_VARIANTS = {
+    "old": OLD,
+    "plain": replace(D0, tma=False),
+    "plain_prefetch": replace(D0, tma=False, prefetch=True),
+    "default": D0,
+    "tma_prefetch": replace(D0, prefetch=True),
+    "tma_s3": replace(D0, fwd_stages=3),
+    "tma_w8": replace(D0, fwd_warps=8),
+    "tma_w8_s3": replace(D0, fwd_warps=8, fwd_stages=3),
+    "tma_mask_all": replace(D0, mask_full_blocks=True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="kernel_lab.json")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--density", type=float, default=0.1)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(0)
+    shapes = {"wan14b_720p": ((21, 40, 80), 40), "wan14b_720p_diffusers": ((21, 45, 80), 40)}
+    if args.smoke:
+        shapes = {"smoke": ((3, 16, 24), 4), "smoke_pad": ((3, 13, 22), 4)}
+    result: dict[str, Any] = {"card": card, "torch": torch.__version__, "density": args.density, "shapes": {}}
+    for sname, (grid, heads) in shapes.items():
+        layout = TokenLayout(VideoGrid(*grid), 0)
+        q, k, v = structured_qkv(layout, heads, 128, torch.bfloat16, dev)
+        scale = 1 / math.sqrt(128)
+        dense = time_ms(lambda: _dense_sdpa(q, k, v), budget_ms=600)
+        srow: dict[str, Any] = {"dense_cudnn_fwd_ms": dense, "padded": layout.tiled_len != layout.seq_len, "fwd": {}}
+        print(f"== {sname} {grid} H={heads} on {card}: cuDNN dense fwd {dense:.2f} ms", flush=True)
+        masks = {}
+        for qb in (64, 128):
+            thr, m = threshold_for_density(q, k, layout, args.density, qb)
+            masks[qb] = m
+            srow[f"q{qb}_density"] = m.density
+        refs = {qb: triton_attention(q, k, v, masks[qb], scale, D0) for qb in (64, 128)}
+        names = FWD_VARIANTS
+        for name, cfg in names.items():
+            row: dict[str, Any] = {"config": asdict(cfg)}
+            for qb in (64, 128):
+                try:
+                    f = lambda: triton_attention(q, k, v, masks[qb], scale, cfg)  # noqa: E731
+                    out = f()
+                    row[f"q{qb}_maxdiff"] = float((out.float() - refs[qb].float()).abs().max())
+                    t = time_ms(f, budget_ms=300)
+                    row[f"q{qb}_ms"] = t
+                    row[f"q{qb}_speedup"] = dense / t
+                    row[f"q{qb}_frac_ideal"] = dense * masks[qb].density / t
+                except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result
+                    row[f"q{qb}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    traceback.print_exc(limit=2)
+            srow["fwd"][name] = row
+            print(f"  {name:12s} " + "  ".join(
+                f"q{qb}: {row[f'q{qb}_ms']:.2f} ms ({row[f'q{qb}_speedup']:.2f}x, {row[f'q{qb}_frac_ideal']:.0%} ideal, "
+                f"diff {row[f'q{qb}_maxdiff']:.1e})" if f"q{qb}_ms" in row else f"q{qb}: {row.get(f'q{qb}_error', '')[:80]}"
+                for qb in (64, 128)), flush=True)
+        # Mask builder stages, and the row kernel's select variants.
+        nv = layout.num_video_blocks
+        qa, ka = pool_blocks_lean(q, layout, nv), pool_blocks_lean(k, layout, nv)
+        scores = (qa @ ka.transpose(-1, -2)) / math.sqrt(128)
+        thr64, _ = threshold_for_density(q, k, layout, args.density, 64)
+        cut = float(torch.tensor(1.0 - thr64, dtype=torch.float32))
+        mrow: dict[str, Any] = {
+            "pool_q_k_ms": time_ms(lambda: (pool_blocks_lean(q, layout, nv), pool_blocks_lean(k, layout, nv))),
+            "scores_matmul_ms": time_ms(lambda: qa @ ka.transpose(-1, -2)),
+            "rows": {},
+        }
+        base, _ = table_from_scores(scores, layout, cut, None, 64, write_lists=True)
+        for warps in (1, 2, 4, 8):
+            f = lambda: table_from_scores(scores, layout, cut, None, 64, write_lists=True, row_warps=warps)  # noqa: E731
+            got, _ = f()
+            mrow["rows"][f"w{warps}"] = {"ms": time_ms(f, budget_ms=200), "entries_differ": int((got != base).sum())}
+        best = min((r["ms"], n) for n, r in mrow["rows"].items() if "ms" in r)
+        print(f"  mask: pool {mrow['pool_q_k_ms']:.3f} ms, scores {mrow['scores_matmul_ms']:.3f} ms, rows "
+              + ", ".join(f"{n} {r['ms']:.3f}" for n, r in mrow["rows"].items() if "ms" in r)
+              + f"; best {best[1]} {best[0]:.3f} ms", flush=True)
+        srow["mask"] = mrow
+        result["shapes"][sname] = srow
+        del q, k, v, masks, refs, qa, ka, scores
+        torch.cuda.empty_cache()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
