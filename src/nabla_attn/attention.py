@@ -188,5 +188,6 @@ def nabla_attention(
         mask = nabla_mask_tiled(qt, kt, lay, threshold, sta_window, query_block=query_block)
     out = run_backend(name, qt, kt, vt, mask, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     if layout == "natural":
-        out = untile(out, lay)
+        # The output takes v's memory layout: [B, S, H, D] callers then transpose back for free.
+        out = untile(out, lay, like=v)
     return (out, mask) if return_mask else out

@@ -308,11 +308,11 @@ class Row:
 def sweep_variants(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, layout: TokenLayout, scale: float,
                    gout: torch.Tensor) -> tuple[Any, list[dict[str, Any]]]:
     """Time Triton kernel configurations at 10% density; return the best combination and all rows."""
-    from .backends.triton_kernel import DEFAULT_CONFIG
+    from .backends.triton_kernel import _env_config
 
     _, m = threshold_for_density(qt, kt, layout, 0.1, 128)
     _, m64 = threshold_for_density(qt, kt, layout, 0.1, 64)
-    D0 = DEFAULT_CONFIG
+    D0 = _env_config()
     fwd_cfgs = [D0, replace(D0, tma=False), replace(D0, prefetch=True), replace(D0, fwd_warps=8, fwd_stages=3),
                 replace(D0, pair=True, fwd_warps=8, fwd_stages=3)]
     bwd_cfgs = [D0, replace(D0, bwd_tile_m=128, dq_warps=8, dkdv_warps=8),
@@ -373,10 +373,11 @@ def _check_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> l
     q, k, v = (torch.randn(B, H, layout.tiled_len, D, device=device, dtype=dtype) for _ in range(3))
     valid = layout.valid_tokens(device)
     out = []
-    for qb, cfg in ((128, KernelConfig(pair=False)), (128, KernelConfig(pair=True)),
-                    (64, KernelConfig(tile_m_for_64=64)), (64, KernelConfig(tile_m_for_64=128)),
-                    (64, KernelConfig(tile_m_for_64=128, pair=True)), (128, KernelConfig(tma=True)),
-                    (64, KernelConfig(tma=True))):
+    for qb, cfg in ((128, KernelConfig(tma=False)), (128, KernelConfig(pair=True)),
+                    (64, KernelConfig(tma=False)), (64, KernelConfig(tile_m_for_64=128)),
+                    (64, KernelConfig(tile_m_for_64=128, pair=True)), (128, KernelConfig()), (64, KernelConfig()),
+                    (64, KernelConfig(lazy_rescale=True)), (128, KernelConfig(lazy_rescale=True)),
+                    (64, KernelConfig(pad_branch=True)), (64, KernelConfig(prefetch=True))):
         mask = fast_mask(q, k, layout, 0.6, qb)
         a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
         o = triton_attention(a, b, c, mask, 0.2, cfg)
@@ -441,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
     import torch._dynamo as dynamo
 
     dynamo.config.recompile_limit = 64  # never fall back to eager (S x S scores) mid-sweep
-    from .backends.triton_kernel import DEFAULT_CONFIG
+    from .backends.triton_kernel import _env_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -457,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         shapes, densities = shapes[:1], [0.1]
     result: dict[str, Any] = {"card": card, "torch": torch.__version__, "python": platform.python_version(),
                               "dtype": args.dtype, "head_dim": args.head_dim, "inputs": __doc__.split("Inputs: ")[1].strip(),
-                              "config": asdict(DEFAULT_CONFIG), "shapes": {}, "rows": []}
+                              "config": asdict(_env_config()), "shapes": {}, "rows": []}
     try:
         import triton
 
@@ -471,7 +472,7 @@ def run(args: argparse.Namespace) -> int:
             print("check", c, flush=True)
 
     rows: list[Row] = []
-    chosen = DEFAULT_CONFIG
+    chosen = _env_config()  # the library default unless NABLA_TRITON_CONFIG overrides it
     for shape in shapes:
         (T, Hh, W), text, heads = SHAPES[shape]
         layout = TokenLayout(VideoGrid(T, Hh, W), text)

@@ -186,7 +186,21 @@ def _padding_slots(layout: TokenLayout) -> torch.Tensor:
     return torch.nonzero(_gather_index(layout) >= layout.seq_len).squeeze(1)
 
 
+@functools.lru_cache(maxsize=64)
+def _tile_rows(layout: TokenLayout) -> torch.Tensor:
+    """int32 gather index for the GPU permutation kernel: padding slots are -1 (zero rows)."""
+    gather = _gather_index(layout)
+    return torch.where(gather < layout.seq_len, gather, torch.full_like(gather, -1)).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _untile_rows(layout: TokenLayout) -> torch.Tensor:
+    return _scatter_index(layout).to(torch.int32)
+
+
 _SOURCES = {
+    "tile_rows": _tile_rows,
+    "untile_rows": _untile_rows,
     "gather": _gather_index,
     "gather_source": _gather_source,
     "padding": _padding_slots,
@@ -211,12 +225,15 @@ def tile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
 
     Differentiable. ``dim=-2`` is the token axis, so both ``[B, H, S, D]`` and ``[B, S, C]`` work;
     a strided input (e.g. ``[B, S, H, D]`` transposed) is read in place, without a copy first.
+    The result is contiguous.
     """
     if x.shape[-2] != layout.seq_len:
         raise ValueError(
             f"tile: sequence length {x.shape[-2]} does not match the layout's {layout.seq_len} "
             f"({layout.grid.frames}x{layout.grid.height}x{layout.grid.width} video + {layout.text_tokens} text)"
         )
+    if _gpu_permute(x):
+        return _TileRows.apply(x, layout)
     # One gather pass, then zero the (few) padding slots in place.
     out = x.index_select(-2, _on_device("gather_source", layout, x.device))
     if layout.tiled_len != layout.seq_len:
@@ -224,11 +241,73 @@ def tile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return out
 
 
-def untile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Tiled order ``[..., tiled_len, D]`` -> natural order ``[..., seq_len, D]`` (padding dropped)."""
+def untile(x: torch.Tensor, layout: TokenLayout, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Tiled order ``[..., tiled_len, D]`` -> natural order ``[..., seq_len, D]`` (padding dropped).
+
+    ``like``: a natural-order tensor of the result's shape whose memory layout the result takes
+    (``torch.empty_like``), e.g. q in ``[B, S, H, D]`` memory viewed as ``[B, H, S, D]``, so a
+    caller that transposes back gets a free view instead of a copy.
+    """
     if x.shape[-2] != layout.tiled_len:
         raise ValueError(f"untile: expected {layout.tiled_len} tiled tokens, got {x.shape[-2]}")
-    return x.index_select(-2, _on_device("scatter", layout, x.device))
+    shape = (*x.shape[:-2], layout.seq_len, x.shape[-1])
+    if like is not None and tuple(like.shape) != shape:
+        raise ValueError(f"untile: like has shape {tuple(like.shape)}, the result has {shape}")
+    if _gpu_permute(x):
+        return _UntileRows.apply(x, layout, like)
+    out = x.index_select(-2, _on_device("scatter", layout, x.device))
+    if like is not None:
+        out = torch.empty_like(like, dtype=x.dtype).copy_(out)
+    return out
+
+
+def _gpu_permute(x: torch.Tensor) -> bool:
+    """The Triton row-permutation kernel serves CUDA tensors of 3 or 4 dims with unit stride in D."""
+    if not x.is_cuda or x.dim() not in (3, 4) or x.stride(-1) != 1 or x.numel() == 0:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _as4(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 4 else x.unsqueeze(1)
+
+
+def _permute_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    from .kernels.permute import gather_rows
+
+    gather_rows(_as4(x), index, _as4(out))
+    return out
+
+
+class _TileRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # type: ignore[override]
+        ctx.layout = layout
+        out = x.new_empty((*x.shape[:-2], layout.tiled_len, x.shape[-1]))
+        return _permute_rows(x, _on_device("tile_rows", layout, x.device), out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return untile(grad, ctx.layout), None
+
+
+class _UntileRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: TokenLayout, like: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.layout = layout
+        shape = (*x.shape[:-2], layout.seq_len, x.shape[-1])
+        out = torch.empty_like(like, dtype=x.dtype) if like is not None else x.new_empty(shape)
+        if out.stride(-1) != 1:
+            out = x.new_empty(shape)
+        return _permute_rows(x, _on_device("untile_rows", layout, x.device), out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return tile(grad, ctx.layout), None, None
 
 
 def block_counts_on(layout: TokenLayout, device: torch.device) -> torch.Tensor:

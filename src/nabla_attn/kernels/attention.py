@@ -60,10 +60,13 @@ def _key_tile(IDX_row, BCNT, j, cnt, PAIR: tl.constexpr):
 
 @triton.jit
 def _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale,
-                MASKED: tl.constexpr, FOLD: tl.constexpr, IEEE: tl.constexpr):
+                MASKED: tl.constexpr, FOLD: tl.constexpr, IEEE: tl.constexpr, LAZY: tl.constexpr):
     """One online-softmax update with raw scores ``s = q.k^T`` of a key tile and its ``v``.
 
     The running max ``m_i`` and the saved log-sum-exp are in base-2 units (scores x scale x log2 e).
+    ``LAZY`` (with ``FOLD``): keep the reference max, and skip rescaling the accumulator, until
+    some row's max grows by more than 8; probabilities then stay below 2^8, and the sums stay exact
+    because ``acc``, ``l`` and the saved log-sum-exp all use the same reference.
     """
     if FOLD:
         # scale > 0: max(s) * scale is the max of the scaled scores, and the scaling folds into
@@ -71,6 +74,20 @@ def _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale,
         if MASKED:
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        if LAZY:
+            # (m_new > m_i is False for rows still at -inf; a first finite max gives +inf > 8.)
+            grow = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0) > 8.0
+            if grow:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_use)
+                l_i = l_i * alpha
+                acc = acc * alpha[:, None]
+                m_i = m_new
+            m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+            p = tl.math.exp2(s * qk_scale - m_ref[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = acc + _mm(p.to(v.dtype), v, IEEE)
+            return m_i, l_i, acc
         # Rows that have seen no valid key yet keep m = -inf; subtract 0 instead (no inf - inf).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
@@ -95,7 +112,7 @@ def _attn_fwd(
     H, S, NQ64, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAIR: tl.constexpr,
     SUBMASK: tl.constexpr, IEEE: tl.constexpr, PAD: tl.constexpr, FOLD: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, LAZY: tl.constexpr,
 ):
     """``PAD``: some key blocks have padding slots (else no per-score validity mask is applied).
     ``FOLD``: the softmax scale is positive and folds into exp2. ``PREFETCH``: the next key tile's
@@ -139,7 +156,7 @@ def _attn_fwd(
                 bit0 = tl.load(sub0 + kb)
                 bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
                 valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     else:
         STEP: tl.constexpr = 2 if PAIR else 1
         for j in range(0, cnt, STEP):
@@ -152,7 +169,7 @@ def _attn_fwd(
                 bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
                 valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
             s = _mm(q, tl.trans(k), IEEE)
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -286,7 +303,7 @@ def _attn_fwd_tma(
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr,
+    PAD: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr, PAD_BRANCH: tl.constexpr, LAZY: tl.constexpr,
 ):
     """:func:`_attn_fwd` with K/V tiles fetched by the Hopper bulk tensor copy engine (TMA).
 
@@ -329,7 +346,18 @@ def _attn_fwd_tma(
                 bit0 = tl.load(sub0 + kb)
                 bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
                 valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
+    elif PAD_BRANCH and PAD and not SUBMASK:
+        # Only edge blocks hold padding: mask the scores of those alone (a uniform branch).
+        for j in range(0, cnt):
+            kb = tl.load(idx_row + j)
+            k = DK.load([row0 + kb * 64, 0])
+            v = DV.load([row0 + kb * 64, 0])
+            nval = tl.load(BCNT + kb)
+            s = _mm(q, tl.trans(k), IEEE)
+            if nval < 64:
+                s = tl.where((offs_n < nval)[None, :], s, float("-inf"))
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, s, qk_scale, False, FOLD, IEEE, LAZY)
     else:
         for j in range(0, cnt):
             kb = tl.load(idx_row + j)
@@ -341,7 +369,7 @@ def _attn_fwd_tma(
                 bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
                 valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
             s = _mm(q, tl.trans(k), IEEE)
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE)
+            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]

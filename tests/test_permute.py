@@ -1,0 +1,64 @@
+"""The GPU row-permutation kernel behind ``tile``/``untile`` (Triton interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Must come before anything imports Triton: it switches the CPU interpreter on (triton_interpret.py).
+from triton_interpret import DEVICE, only_in_process, rerun_in_fresh_process
+
+pytest.importorskip("triton")
+
+from nabla_attn import TokenLayout, VideoGrid, tile, untile  # noqa: E402
+from nabla_attn.grid import _TileRows, _UntileRows  # noqa: E402
+
+_only_in_process = only_in_process  # autouse fixture, see triton_interpret.py
+
+LAYOUT = TokenLayout(VideoGrid(3, 13, 22), 7, "start")  # ragged edge tiles, a partial text block
+
+
+def test_in_fresh_process_when_triton_was_imported_first() -> None:
+    rerun_in_fresh_process(__file__)
+
+
+def _bshd(B: int, H: int, D: int, seed: int) -> torch.Tensor:
+    """A ``[B, H, S, D]`` view of ``[B, S, H, D]`` memory, as diffusers hands q, k, v over."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, LAYOUT.seq_len, H, D, generator=g).to(DEVICE).transpose(1, 2)
+
+
+@pytest.mark.parametrize("D", [32, 24])
+def test_tile_untile_kernel_matches_index_select(D: int) -> None:
+    x = _bshd(2, 3, D, seed=D)
+    want = tile(x.cpu(), LAYOUT)  # the index_select path
+    got = _TileRows.apply(x, LAYOUT)
+    assert got.is_contiguous() and torch.equal(got.cpu(), want)
+    back = _UntileRows.apply(got, LAYOUT, x)
+    assert back.stride() == x.stride(), "untile writes into the layout of `like`"
+    assert torch.equal(back, x)
+    assert torch.equal(_UntileRows.apply(got, LAYOUT, None), x.contiguous())
+    # 3-D [B, S, C] (hidden states) too.
+    h = x.transpose(1, 2).flatten(2)
+    assert torch.equal(_TileRows.apply(h, LAYOUT).cpu(), tile(h.cpu(), LAYOUT))
+
+
+def test_tile_untile_kernel_gradients() -> None:
+    x = _bshd(1, 2, 16, seed=3).detach().requires_grad_()
+    t = _TileRows.apply(x, LAYOUT)
+    w = torch.randn_like(t)
+    u = _UntileRows.apply(t * w, LAYOUT, None)
+    g = torch.randn_like(u)
+    u.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    untile(tile(x2, LAYOUT) * w, LAYOUT).backward(g)
+    assert torch.allclose(x.grad, x2.grad)
+
+
+def test_untile_like_checks_shape() -> None:
+    t = tile(torch.randn(1, 2, LAYOUT.seq_len, 8), LAYOUT)
+    with pytest.raises(ValueError, match="like has shape"):
+        untile(t, LAYOUT, like=torch.empty(1, 2, LAYOUT.seq_len, 4))
+    like = torch.empty(1, LAYOUT.seq_len, 2, 8).transpose(1, 2)
+    out = untile(t, LAYOUT, like=like)
+    assert out.stride() == like.stride() and torch.equal(out, untile(t, LAYOUT))
