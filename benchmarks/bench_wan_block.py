@@ -219,7 +219,7 @@ def main() -> None:
             log(f"fused mask builder not timed: {type(exc).__name__}: {exc}")
         ms["nabla_tile_qkv"] = timed(lambda: (tile(q, layout), tile(k, layout), tile(v, layout)), reps, warm, device)
         out_t = run_backend(backend, qt, kt, vt, mask, scale)
-        ms["nabla_untile_out"] = timed(lambda: untile(out_t, layout), reps, warm, device)
+        ms["nabla_untile_out"] = timed(lambda: untile(out_t, layout, like=v), reps, warm, device)
         from nabla_attn import nabla_attention
 
         ms["attn_nabla_op"] = timed(
