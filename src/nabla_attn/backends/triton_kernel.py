@@ -46,14 +46,15 @@ class KernelConfig:
     # 31.1 ms with 128-row tiles + per-half masks at 10% density), 4 warps / 2 stages forward
     # (21.3 ms vs 22.5 ms for 8 / 3), plain 64-row key tiles (pairs were not faster); TMA loads
     # once the scale fold and the skipped validity mask shortened the softmax (H200, Wan 14B
-    # 720p, 10%: 18.1 vs 21.1 ms with 128-row tables, 21.4 vs 22.9 ms with 64-row tables).
+    # 720p, 10%: 18.1 vs 21.1 ms with 128-row tables, 21.4 vs 22.9 ms with 64-row tables); the
+    # padded-block branch (Wan 14B 720p at 21x45x80: 27.6 vs 31.3 ms, 31.6 vs 32.6 ms).
     tile_m_for_64: int = 64
     pair: bool = False
     tma: bool = True
     prefetch: bool = False
     fold: bool = True
     mask_full_blocks: bool = False
-    pad_branch: bool = False
+    pad_branch: bool = True
     lazy_rescale: bool = False
     bwd_tile_m: int = 64
     fwd_warps: int = 4
