@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from nabla_attn import TokenLayout, VideoGrid  # noqa: E402
 from nabla_attn.backends.triton_kernel import DEFAULT_CONFIG, triton_attention  # noqa: E402
 from nabla_attn.bench import _dense_sdpa, structured_qkv, threshold_for_density, time_ms  # noqa: E402
-from nabla_attn.kernels.mask_build import pool_blocks_lean, table_from_scores  # noqa: E402
+from nabla_attn.kernels.mask_build import pool_blocks_lean, pool_blocks_pair, table_from_scores  # noqa: E402
 
 D0 = DEFAULT_CONFIG
 OLD = replace(D0, fold=False, mask_full_blocks=True, tma=False)  # the kernel of the previous session
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default="kernel_lab.json")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--variants", default=",".join(FWD_VARIANTS), help="forward variants to time")
     args = ap.parse_args()
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(0)
@@ -71,7 +72,7 @@ def main() -> None:
             masks[qb] = m
             srow[f"q{qb}_density"] = m.density
         refs = {qb: triton_attention(q, k, v, masks[qb], scale, D0) for qb in (64, 128)}
-        names = FWD_VARIANTS
+        names = {n: FWD_VARIANTS[n] for n in args.variants.split(",")}
         for name, cfg in names.items():
             row: dict[str, Any] = {"config": asdict(cfg)}
             for qb in (64, 128):
@@ -99,16 +100,20 @@ def main() -> None:
         cut = float(torch.tensor(1.0 - thr64, dtype=torch.float32))
         mrow: dict[str, Any] = {
             "pool_q_k_ms": time_ms(lambda: (pool_blocks_lean(q, layout, nv), pool_blocks_lean(k, layout, nv))),
+            "pool_pair_ms": time_ms(lambda: pool_blocks_pair(q, k, layout, nv)),
             "scores_matmul_ms": time_ms(lambda: qa @ ka.transpose(-1, -2)),
             "rows": {},
         }
         base, _ = table_from_scores(scores, layout, cut, None, 64, write_lists=True)
-        for warps in (1, 2, 4, 8):
-            f = lambda: table_from_scores(scores, layout, cut, None, 64, write_lists=True, row_warps=warps)  # noqa: E731
-            got, _ = f()
-            mrow["rows"][f"w{warps}"] = {"ms": time_ms(f, budget_ms=200), "entries_differ": int((got != base).sum())}
+        for early in (False, True):
+            for warps in (1, 2, 4):
+                f = lambda: table_from_scores(scores, layout, cut, None, 64, write_lists=True,  # noqa: E731
+                                              row_warps=warps, early_exit=early)
+                got, _ = f()
+                mrow["rows"][f"{'early_' if early else ''}w{warps}"] = {
+                    "ms": time_ms(f, budget_ms=200), "entries_differ": int((got != base).sum())}
         best = min((r["ms"], n) for n, r in mrow["rows"].items() if "ms" in r)
-        print(f"  mask: pool {mrow['pool_q_k_ms']:.3f} ms, scores {mrow['scores_matmul_ms']:.3f} ms, rows "
+        print(f"  mask: pool {mrow['pool_q_k_ms']:.3f} ms (pair {mrow['pool_pair_ms']:.3f}), scores {mrow['scores_matmul_ms']:.3f} ms, rows "
               + ", ".join(f"{n} {r['ms']:.3f}" for n, r in mrow["rows"].items() if "ms" in r)
               + f"; best {best[1]} {best[0]:.3f} ms", flush=True)
         srow["mask"] = mrow
@@ -125,6 +130,8 @@ def choose(result: dict[str, Any]) -> dict[str, Any]:
     """The fastest variant (sum of the 64- and 128-row table times) on the unpadded shape, plus
     ``pad_branch`` if it wins on the padded one; as fields that differ from the library default."""
     shapes = list(result["shapes"].values())
+    if any(n not in shapes[0]["fwd"] for n in FWD_VARIANTS):
+        return {"variant": "default", "fields": {}, "env": ""}
 
     def total(row: dict[str, Any]) -> float:
         return row.get("q64_ms", float("inf")) + row.get("q128_ms", float("inf"))

@@ -36,6 +36,11 @@ from ..masks import BlockSparseMask, check_sta_window, check_threshold
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _nabla_rows_kernel(
     S_ptr, KEPT_ptr, CNT_ptr, IDX_ptr,
     s_b, s_h, s_r,
@@ -46,7 +51,7 @@ def _nabla_rows_kernel(
     cut,
     WT, WR, WC, TR, TC,
     HAS_THR: tl.constexpr, HAS_STA: tl.constexpr, GROUP: tl.constexpr,
-    WRITE_LISTS: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_LISTS: tl.constexpr, BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     qrow = tl.program_id(0)
     bh = tl.program_id(1)
@@ -81,12 +86,29 @@ def _nabla_rows_kernel(
             lo = qrow * 0 - 1
             hi = qrow * 0 + 0x3F800000
             # Invariant: S(lo) < cut <= S(hi) (S(bits(1.0)) = total; checked below).
-            for _ in range(31):
-                mid = (lo + hi) // 2
-                smid = tl.sum(tl.where(pb <= mid, p, 0.0), axis=0)
-                go_lo = smid >= cut
-                hi = tl.where(go_lo, mid, hi)
-                lo = tl.where(go_lo, lo, mid)
+            if EARLY_EXIT:
+                # Also count the video lanes at or below lo and hi: once (lo, hi] holds a single
+                # value, that value is the cut (S steps only at the P_i), so stop bisecting there.
+                c_lo = qrow * 0
+                c_hi = tl.sum(video_col.to(tl.int32), axis=0)
+                while (hi - lo > 1) & (c_hi - c_lo > 1):
+                    mid = (lo + hi) // 2
+                    below = pb <= mid
+                    smid, cmid = tl.reduce((tl.where(below, p, 0.0), (below & video_col).to(tl.int32)), 0, _add2)
+                    go_lo = smid >= cut
+                    hi = tl.where(go_lo, mid, hi)
+                    c_hi = tl.where(go_lo, cmid, c_hi)
+                    lo = tl.where(go_lo, lo, mid)
+                    c_lo = tl.where(go_lo, c_lo, cmid)
+                single = tl.max(tl.where(video_col & (pb > lo) & (pb <= hi), pb, -1), axis=0)
+                hi = tl.where(c_hi - c_lo == 1, single, hi)
+            else:
+                for _ in range(31):
+                    mid = (lo + hi) // 2
+                    smid = tl.sum(tl.where(pb <= mid, p, 0.0), axis=0)
+                    go_lo = smid >= cut
+                    hi = tl.where(go_lo, mid, hi)
+                    lo = tl.where(go_lo, lo, mid)
             # (tl.where on the reduced scalars: the interpreter cannot AND a vector with them.)
             cut_keep = tl.where(total >= cut, (pb >= hi) & video_col, False)
             cut_keep = tl.where(bad, video_col, cut_keep)
@@ -110,11 +132,12 @@ def _nabla_rows_kernel(
 
 
 @triton.jit
-def _pool_kernel(X, OUT, BCNT, s_b, s_h, s_s, H, NV, HEAD_DIM: tl.constexpr):
+def _pool_kernel(X, Y, OUT_X, OUT_Y, BCNT, s_b, s_h, s_s, H, NV, HEAD_DIM: tl.constexpr, TWO: tl.constexpr):
     """Mean of each block's real tokens: one program per (block, batch*head), fp32 accumulation.
 
     Padding slots hold zeros (``tile`` writes them), so the sum runs over all 64 rows and only
-    the divisor uses the real count. q is read once, in its own dtype (no float32 copy).
+    the divisor uses the real count. q (and k, with ``TWO``: both loads in flight in one program)
+    is read once, in its own dtype (no float32 copy).
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -122,9 +145,13 @@ def _pool_kernel(X, OUT, BCNT, s_b, s_h, s_s, H, NV, HEAD_DIM: tl.constexpr):
     h = bh % H
     rows = blk * 64 + tl.arange(0, 64)
     d = tl.arange(0, HEAD_DIM)
-    x = tl.load(X + b * s_b + h * s_h + rows[:, None] * s_s + d[None, :]).to(tl.float32)
+    off = b * s_b + h * s_h + rows[:, None] * s_s + d[None, :]
     cnt = tl.load(BCNT + blk).to(tl.float32)
-    tl.store(OUT + (bh * NV + blk) * HEAD_DIM + d, tl.sum(x, 0) / cnt)
+    x = tl.load(X + off).to(tl.float32)
+    if TWO:
+        y = tl.load(Y + off).to(tl.float32)
+        tl.store(OUT_Y + (bh * NV + blk) * HEAD_DIM + d, tl.sum(y, 0) / cnt)
+    tl.store(OUT_X + (bh * NV + blk) * HEAD_DIM + d, tl.sum(x, 0) / cnt)
 
 
 @triton.jit
@@ -196,14 +223,30 @@ def pool_blocks_lean(x: torch.Tensor, layout: TokenLayout, n: int) -> torch.Tens
     1.4 GB at Wan 14B 720p). A Triton kernel for power-of-two head dims, else a torch reduction.
     """
     B, H, _, D = x.shape
-    if D in (16, 32, 64, 128, 256) and x.stride(-1) == 1:
+    if _poolable(x):
         out = torch.empty(B, H, n, D, dtype=torch.float32, device=x.device)
-        _pool_kernel[(n, B * H)](x, out, block_counts_on(layout, x.device), x.stride(0), x.stride(1), x.stride(2),
-                                 H, n, HEAD_DIM=D, num_warps=4)
+        _pool_kernel[(n, B * H)](x, x, out, out, block_counts_on(layout, x.device), x.stride(0), x.stride(1),
+                                 x.stride(2), H, n, HEAD_DIM=D, TWO=False, num_warps=4)
         return out
     sums = x[:, :, : n * BLOCK_TOKENS].reshape(B, H, n, BLOCK_TOKENS, D).sum(-2, dtype=torch.float32)
     counts = block_counts_on(layout, x.device)[:n].to(torch.float32)
     return sums / counts.view(1, 1, -1, 1)
+
+
+def pool_blocks_pair(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pool_blocks_lean` of q and k in one pass (both loads in flight per program)."""
+    if not (_poolable(q) and k.shape == q.shape and k.stride() == q.stride()):
+        return pool_blocks_lean(q, layout, n), pool_blocks_lean(k, layout, n)
+    B, H, _, D = q.shape
+    qa = torch.empty(B, H, n, D, dtype=torch.float32, device=q.device)
+    ka = torch.empty_like(qa)
+    _pool_kernel[(n, B * H)](q, k, qa, ka, block_counts_on(layout, q.device), q.stride(0), q.stride(1), q.stride(2),
+                             H, n, HEAD_DIM=D, TWO=True, num_warps=4)
+    return qa, ka
+
+
+def _poolable(x: torch.Tensor) -> bool:
+    return x.shape[-1] in (16, 32, 64, 128, 256) and x.stride(-1) == 1
 
 
 def build_nabla_mask_fast(
@@ -234,8 +277,7 @@ def build_nabla_mask_fast(
     dev = q.device
     with torch.no_grad():
         if threshold is not None:
-            qa = pool_blocks_lean(q, layout, nv)
-            ka = pool_blocks_lean(k, layout, nv)
+            qa, ka = pool_blocks_pair(q, k, layout, nv)
             scores = (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             del qa, ka
             cut: float | None = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
@@ -259,6 +301,7 @@ def table_from_scores(
     *,
     write_lists: bool = False,
     row_warps: int = 2,
+    early_exit: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The fused row kernel on precomputed block scores (``[B, H, Nv, Nv]`` float32, pre-softmax).
 
@@ -298,7 +341,7 @@ def table_from_scores(
         # One or two warps per row: the 31 bisection sums are latency-bound cross-warp reductions,
         # so fewer warps per row and more rows per SM win (H200, Wan 14B 720p: 0.80 ms with 2
         # warps vs 1.23 ms with 8; 4-8 pivots per step in one 2-D sum were slower still).
-        WRITE_LISTS=write_lists, BLOCK=block, num_warps=row_warps,
+        WRITE_LISTS=write_lists, BLOCK=block, EARLY_EXIT=early_exit, num_warps=row_warps,
     )
     return kept, ((counts, idx) if write_lists else None)
 
