@@ -105,13 +105,10 @@ def main() -> None:
             "rows": {},
         }
         base, _ = table_from_scores(scores, layout, cut, None, 64, write_lists=True)
-        for early in (False, True):
-            for warps in (1, 2, 4):
-                f = lambda: table_from_scores(scores, layout, cut, None, 64, write_lists=True,  # noqa: E731
-                                              row_warps=warps, early_exit=early)
-                got, _ = f()
-                mrow["rows"][f"{'early_' if early else ''}w{warps}"] = {
-                    "ms": time_ms(f, budget_ms=200), "entries_differ": int((got != base).sum())}
+        for warps in (1, 2, 4):
+            f = lambda: table_from_scores(scores, layout, cut, None, 64, write_lists=True, row_warps=warps)  # noqa: E731
+            got, _ = f()
+            mrow["rows"][f"w{warps}"] = {"ms": time_ms(f, budget_ms=200), "entries_differ": int((got != base).sum())}
         best = min((r["ms"], n) for n, r in mrow["rows"].items() if "ms" in r)
         print(f"  mask: pool {mrow['pool_q_k_ms']:.3f} ms (pair {mrow['pool_pair_ms']:.3f}), scores {mrow['scores_matmul_ms']:.3f} ms, rows "
               + ", ".join(f"{n} {r['ms']:.3f}" for n, r in mrow["rows"].items() if "ms" in r)

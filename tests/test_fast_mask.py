@@ -112,30 +112,6 @@ def test_fast_mask_ties_kept_together() -> None:
         assert fast.kept[:, 1].all(), "a uniform row is one tie: all kept"
 
 
-@pytest.mark.parametrize("integer_scores", [False, True])
-def test_early_exit_finds_the_bisection_cut(integer_scores: bool) -> None:
-    """Stopping once (lo, hi] holds one value gives the cut of the full 31-step bisection
-    (integer q, k make ties, where the count never drops to one and the bisection runs out)."""
-    from nabla_attn.kernels.mask_build import table_from_scores
-
-    if integer_scores:
-        g = torch.Generator().manual_seed(7)
-        q, k = (tile(torch.randint(-1, 2, (1, 2, LAYOUT.seq_len, 8), generator=g).float(), LAYOUT).to(DEVICE)
-                for _ in range(2))
-    else:
-        q, k = _qk(6, B=1, H=2)
-    nv = LAYOUT.num_video_blocks
-    qa, ka = pool_blocks(q, LAYOUT)[:, :, :nv], pool_blocks(k, LAYOUT)[:, :, :nv]
-    scores = qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    for threshold in (0.3, 0.7, 0.95):
-        cut = float(torch.tensor(1.0 - threshold, dtype=torch.float32))
-        full, _ = table_from_scores(scores, LAYOUT, cut, None, 64, early_exit=False)
-        fast, _ = table_from_scores(scores, LAYOUT, cut, None, 64, early_exit=True)
-        assert not ((fast != full) & ~_near_cut(q, k, threshold)).any()
-        if threshold == 0.3:
-            assert full[..., :nv, :nv].float().mean() < 0.7, "the cut must bite"
-
-
 def test_fast_mask_nonfinite_rows_keep_everything() -> None:
     q, k = _qk(5, B=1, H=1)
     q[0, 0, 64 * 4 + 3] = float("nan")  # a token of video block 4

@@ -36,11 +36,6 @@ from ..masks import BlockSparseMask, check_sta_window, check_threshold
 
 
 @triton.jit
-def _add2(a0, a1, b0, b1):
-    return a0 + b0, a1 + b1
-
-
-@triton.jit
 def _nabla_rows_kernel(
     S_ptr, KEPT_ptr, CNT_ptr, IDX_ptr,
     s_b, s_h, s_r,
@@ -51,7 +46,7 @@ def _nabla_rows_kernel(
     cut,
     WT, WR, WC, TR, TC,
     HAS_THR: tl.constexpr, HAS_STA: tl.constexpr, GROUP: tl.constexpr,
-    WRITE_LISTS: tl.constexpr, BLOCK: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    WRITE_LISTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     qrow = tl.program_id(0)
     bh = tl.program_id(1)
@@ -86,29 +81,12 @@ def _nabla_rows_kernel(
             lo = qrow * 0 - 1
             hi = qrow * 0 + 0x3F800000
             # Invariant: S(lo) < cut <= S(hi) (S(bits(1.0)) = total; checked below).
-            if EARLY_EXIT:
-                # Also count the video lanes at or below lo and hi: once (lo, hi] holds a single
-                # value, that value is the cut (S steps only at the P_i), so stop bisecting there.
-                c_lo = qrow * 0
-                c_hi = tl.sum(video_col.to(tl.int32), axis=0)
-                while (hi - lo > 1) & (c_hi - c_lo > 1):
-                    mid = (lo + hi) // 2
-                    below = pb <= mid
-                    smid, cmid = tl.reduce((tl.where(below, p, 0.0), (below & video_col).to(tl.int32)), 0, _add2)
-                    go_lo = smid >= cut
-                    hi = tl.where(go_lo, mid, hi)
-                    c_hi = tl.where(go_lo, cmid, c_hi)
-                    lo = tl.where(go_lo, lo, mid)
-                    c_lo = tl.where(go_lo, c_lo, cmid)
-                single = tl.max(tl.where(video_col & (pb > lo) & (pb <= hi), pb, -1), axis=0)
-                hi = tl.where(c_hi - c_lo == 1, single, hi)
-            else:
-                for _ in range(31):
-                    mid = (lo + hi) // 2
-                    smid = tl.sum(tl.where(pb <= mid, p, 0.0), axis=0)
-                    go_lo = smid >= cut
-                    hi = tl.where(go_lo, mid, hi)
-                    lo = tl.where(go_lo, lo, mid)
+            for _ in range(31):
+                mid = (lo + hi) // 2
+                smid = tl.sum(tl.where(pb <= mid, p, 0.0), axis=0)
+                go_lo = smid >= cut
+                hi = tl.where(go_lo, mid, hi)
+                lo = tl.where(go_lo, lo, mid)
             # (tl.where on the reduced scalars: the interpreter cannot AND a vector with them.)
             cut_keep = tl.where(total >= cut, (pb >= hi) & video_col, False)
             cut_keep = tl.where(bad, video_col, cut_keep)
@@ -301,7 +279,6 @@ def table_from_scores(
     *,
     write_lists: bool = False,
     row_warps: int = 2,
-    early_exit: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The fused row kernel on precomputed block scores (``[B, H, Nv, Nv]`` float32, pre-softmax).
 
@@ -340,8 +317,10 @@ def table_from_scores(
         HAS_THR=cut is not None, HAS_STA=sta_window is not None, GROUP=group,
         # One or two warps per row: the 31 bisection sums are latency-bound cross-warp reductions,
         # so fewer warps per row and more rows per SM win (H200, Wan 14B 720p: 0.80 ms with 2
-        # warps vs 1.23 ms with 8; 4-8 pivots per step in one 2-D sum were slower still).
-        WRITE_LISTS=write_lists, BLOCK=block, EARLY_EXIT=early_exit, num_warps=row_warps,
+        # warps vs 1.23 ms with 8). Slower still, measured: 4-16 pivots per step in one 2-D sum
+        # (1.25-2.3 ms), and stopping once (lo, hi] holds one value (a sum + count reduction per
+        # step in a while loop: 1.01 ms).
+        WRITE_LISTS=write_lists, BLOCK=block, num_warps=row_warps,
     )
     return kept, ((counts, idx) if write_lists else None)
 
