@@ -52,7 +52,7 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 CONFIGS = {
-    "q128": (128, {"tma": False}),
+    "q128": (128, {"tma": False, "bwd_tma": False}),
     "q128_pair_bwd128": (128, {"pair": True, "bwd_tile_m": 128}),
     "q64_tile64": (64, {"tile_m_for_64": 64}),
     "q64_tile128_submask_bwd128": (64, {"tile_m_for_64": 128, "bwd_tile_m": 128}),

@@ -315,7 +315,7 @@ def sweep_variants(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, layout:
     D0 = _env_config()
     fwd_cfgs = [D0, replace(D0, tma=False), replace(D0, prefetch=True), replace(D0, fwd_warps=8, fwd_stages=3),
                 replace(D0, pair=True, fwd_warps=8, fwd_stages=3)]
-    bwd_cfgs = [D0, replace(D0, bwd_tile_m=128, dq_warps=8, dkdv_warps=8),
+    bwd_cfgs = [D0, replace(D0, bwd_tma=False), replace(D0, bwd_tile_m=128, dq_warps=8, dkdv_warps=8),
                 replace(D0, dq_stages=3, dkdv_stages=3), replace(D0, dq_stages=1, dkdv_stages=1)]
     rows: list[dict[str, Any]] = []
     fwd_times: list[float] = []
@@ -357,7 +357,7 @@ def sweep_variants(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, layout:
     bi = min(range(len(bwd_cfgs)), key=lambda i: bwd_times[i])
     fc = fwd_cfgs[fi] if fwd_times[fi] < 0.97 * fwd_times[0] else D0
     bc = bwd_cfgs[bi] if bwd_times[bi] < 0.97 * bwd_times[0] else D0
-    chosen = replace(fc, bwd_tile_m=bc.bwd_tile_m, dq_warps=bc.dq_warps, dq_stages=bc.dq_stages,
+    chosen = replace(fc, bwd_tile_m=bc.bwd_tile_m, bwd_tma=bc.bwd_tma, dq_warps=bc.dq_warps, dq_stages=bc.dq_stages,
                      dkdv_warps=bc.dkdv_warps, dkdv_stages=bc.dkdv_stages)
     return chosen, rows
 

@@ -196,13 +196,15 @@ def _attn_bwd_delta(O, DO, DELTA, so_b, so_h, so_s, sd_b, sd_h, sd_s, H, S,
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB,
+    Q, K, V, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB, KD, VD,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr,
+    PAD: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dQ over the kv lists. ``TMA``: K/V tiles through the descriptors ``KD``/``VD`` over
+    ``[B*H*S, D]`` (one listed block is one 64 x D box)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -224,9 +226,17 @@ def _attn_bwd_dq(
         top = offs_m < pid_m * BLOCK_M + 64
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for j in range(0, cnt):
-        tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, False)
-        k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
-        v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
+        if TMA:
+            offs_n = tl.arange(0, 64)
+            kb_s = tl.load(idx_row + j)
+            k = KD.load([bh * S + kb_s * 64, 0])
+            v = VD.load([bh * S + kb_s * 64, 0])
+            ok_n = offs_n < tl.load(BCNT + kb_s)
+            kb = kb_s + offs_n * 0
+        else:
+            tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, False)
+            k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
+            v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
         p = tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         if PAD or SUBMASK:
             valid = ok_n[None, :]
@@ -245,13 +255,15 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QCNT, QIDX, BCNT, SUB,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QCNT, QIDX, BCNT, SUB, QD, DOD,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr,
+    PAD: tl.constexpr, TMA: tl.constexpr,
 ):
+    """dK, dV over the q-side lists, one program per key block. ``TMA`` (64-row query tiles, so a
+    tile never crosses a head): q and dO tiles through the descriptors ``QD``/``DOD``."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -273,8 +285,12 @@ def _attn_bwd_dkdv(
         qt = tl.load(idx_row + j)
         offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
         ok_m = offs_m < S
-        q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
+        if TMA:
+            q = QD.load([bh * S + qt * BLOCK_M, 0])
+            do = DOD.load([bh * S + qt * BLOCK_M, 0])
+        else:
+            q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
         lse = tl.load(LSE + bh * S + offs_m, mask=ok_m, other=float("inf"))
         delta = tl.load(DELTA + bh * S + offs_m, mask=ok_m, other=0.0)
         # Query rows past S load lse = +inf, so their probabilities are exactly 0 without a mask.
