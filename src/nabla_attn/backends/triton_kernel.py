@@ -30,25 +30,37 @@ _LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch choices. ``tile_m_for_64``: query tile for ``query_block=64`` tables (64 = one row per
-    tile; 128 = two rows per tile with per-half masking). ``pair``: 128-wide key tiles from two
-    listed blocks. ``tma``: K/V tiles by tensor descriptors on Hopper and newer (forward; not with
-    ``pair``; other cards run the pointer-load kernel).
-    ``prefetch``: issue the next key tile's Q.K^T before this tile's softmax. ``fold``: fold the
-    softmax scale into exp2 (used only when the scale is positive). ``mask_full_blocks``: apply the
-    per-key validity mask even when no block has padding (for measuring what skipping it saves).
-    ``lazy_rescale``: rescale the accumulator only when a row max grows by more than 2^8.
-    ``pad_branch``: with padding, mask only the scores of partial blocks, behind a branch (TMA path).
-    ``bwd_tma``: K/V tiles of the dQ kernel and q/dO tiles of the dK/dV kernel (64-row tiles) by
-    tensor descriptors on Hopper and newer. ``bwd_tile_m``: query tile of the backward kernels; 64 runs a 128-row table as its 64-row
-    expansion (measured 1.5x faster than 128-row tiles on H100). Warps/stages per kernel."""
+    """Launch choices of the Triton kernels (benchmarks sweep them; the defaults are measured).
 
-    # Defaults measured (docs/kernel-notes.md): 64-row tiles for 64-row tables (H100: 23.4 ms vs
-    # 31.1 ms with 128-row tiles + per-half masks at 10% density), 4 warps / 2 stages forward
-    # (21.3 ms vs 22.5 ms for 8 / 3), plain 64-row key tiles (pairs were not faster); TMA loads
-    # once the scale fold and the skipped validity mask shortened the softmax (H200, Wan 14B
-    # 720p, 10%: 18.1 vs 21.1 ms with 128-row tables, 21.4 vs 22.9 ms with 64-row tables); the
-    # padded-block branch (Wan 14B 720p at 21x45x80: 27.6 vs 31.3 ms, 31.6 vs 32.6 ms).
+    Forward:
+    - ``tile_m_for_64``: query tile for ``query_block=64`` tables (64 = one row per tile; 128 = two
+      rows per tile with per-half masking).
+    - ``pair``: 128-wide key tiles from two listed blocks (pointer loads only).
+    - ``tma``: K/V tiles by tensor descriptors on Hopper and newer; other cards run the
+      pointer-load kernel.
+    - ``prefetch``: issue the next key tile's Q.K^T before this tile's softmax.
+    - ``fold``: fold the softmax scale into exp2 (applied only when the scale is positive).
+    - ``mask_full_blocks``: apply the per-key validity mask even when no block has padding (to
+      measure what skipping it saves).
+    - ``pad_branch``: with padding, mask only the scores of partial blocks, behind a branch
+      (TMA kernel).
+    - ``lazy_rescale``: rescale the accumulator only when a row max grows by more than 2^8.
+    - ``fwd_warps`` / ``fwd_stages``: for 128-row tiles (64-row tiles always use 4 warps).
+
+    Backward:
+    - ``bwd_tile_m``: query tile of the backward kernels; 64 runs a 128-row table as its 64-row
+      expansion (1.5x faster than 128-row tiles on H100).
+    - ``bwd_tma``: K/V tiles of the dQ kernel and q/dO tiles of the dK/dV kernel (64-row tiles)
+      by tensor descriptors on Hopper and newer.
+    - ``dq_*`` / ``dkdv_*``: warps and pipeline stages of the two kernels.
+    """
+
+    # Measured (docs/kernel-notes.md): 64-row tiles for 64-row tables (H100: 23.4 ms vs 31.1 ms
+    # with 128-row tiles + per-half masks at 10% density); 4 warps / 2 stages forward (21.3 vs
+    # 22.5 ms for 8 / 3); plain 64-row key tiles (pairs were not faster). On H200 at Wan 14B 720p,
+    # 10%: TMA loads once the scale fold and the skipped validity mask shortened the softmax (18.1
+    # vs 21.1 ms with 128-row tables, 21.4 vs 22.9 ms with 64-row tables); the padded-block branch
+    # at 21x45x80 (27.6 vs 31.3 ms, 31.6 vs 32.6 ms); TMA in the backward (fwd+bwd 74.9 vs 77.1 ms).
     tile_m_for_64: int = 64
     pair: bool = False
     tma: bool = True

@@ -12,12 +12,20 @@ Query tiles are ``BLOCK_M`` = 64 or 128 rows. A 64-row table (``query_block=64``
 (faster) tile. ``PAIR`` processes two listed key blocks per step (a 128-wide key tile gathered from
 two 64-row slabs), halving the loop overhead and softmax rescales.
 
-Softmax runs in base 2: scores are multiplied by ``scale * log2(e)`` once and ``exp2`` is used;
-the saved log-sum-exp is in the same base-2 units. A query row with no kept key gets output 0 and
-log-sum-exp ``+inf``, so its backward terms are exactly 0.
+On Hopper the forward fetches K/V tiles by tensor descriptors (``_attn_fwd_tma``; one listed block
+is one 64 x D box). Where the layout has no padding slot (``PAD`` False) no per-score validity mask
+is applied; with padding, only partial blocks are masked (``PAD_BRANCH``).
+
+Softmax runs in base 2: the running max and the saved log-sum-exp are in units of
+``score * scale * log2(e)``, and for a positive scale the scaling folds into the ``exp2`` argument
+(``FOLD``). A query row with no kept key gets output 0 and log-sum-exp ``+inf``, so its backward
+terms are exactly 0.
 
 Backward: ``delta = rowsum(dO * O)`` (own kernel, no float32 copies), dQ over the kv lists, and
-dK/dV over the transposed (q-side) lists, one program per 64-key block, so no atomics are needed.
+dK/dV over the transposed (q-side) lists, one program per 64-key block, so no atomics are needed;
+on Hopper both load their listed tiles by tensor descriptors (``TMA``).
+
+Measurements behind each choice: ``docs/kernel-notes.md``.
 """
 
 from __future__ import annotations
