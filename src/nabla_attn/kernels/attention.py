@@ -113,6 +113,18 @@ def _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale,
 
 
 @triton.jit
+def _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK: tl.constexpr):
+    """Validity of the scores against listed key block ``kb`` (a scalar): its real slots, and with
+    ``SUBMASK`` each 64-row half's own table bit (``[BLOCK_M, 64]``, else ``[1, 64]``)."""
+    valid = (offs_n < tl.load(BCNT + kb))[None, :]
+    if SUBMASK:
+        bit0 = tl.load(sub0 + kb)
+        bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
+        valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+    return valid
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
@@ -137,10 +149,10 @@ def _attn_fwd(
     idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
-    if SUBMASK:
-        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
-        has_sub1 = 2 * pid_m + 1 < NQ64
-        top = offs_m < pid_m * BLOCK_M + 64
+    # Per-half table bits of a 64-row table on 128-row tiles (unused, and compiled away, otherwise).
+    sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+    has_sub1 = 2 * pid_m + 1 < NQ64
+    top = offs_m < pid_m * BLOCK_M + 64
     MASKED: tl.constexpr = PAD or SUBMASK or PAIR
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -159,11 +171,7 @@ def _attn_fwd(
             kb_next = tl.load(idx_row + tl.minimum(j + 1, cnt - 1))
             k = tl.load(k_base + (kb_next * 64 + offs_n)[:, None] * sk_s + offs_d[None, :])
             s_next = _mm(q, tl.trans(k), IEEE)
-            valid = (offs_n < tl.load(BCNT + kb))[None, :]
-            if SUBMASK:
-                bit0 = tl.load(sub0 + kb)
-                bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
-                valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+            valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
             m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     else:
         STEP: tl.constexpr = 2 if PAIR else 1
@@ -346,10 +354,10 @@ def _attn_fwd_tma(
     cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
     idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
     row0 = bh * S
-    if SUBMASK:
-        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
-        has_sub1 = 2 * pid_m + 1 < NQ64
-        top = offs_m < pid_m * BLOCK_M + 64
+    # Per-half table bits of a 64-row table on 128-row tiles (unused, and compiled away, otherwise).
+    sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+    has_sub1 = 2 * pid_m + 1 < NQ64
+    top = offs_m < pid_m * BLOCK_M + 64
     MASKED: tl.constexpr = PAD or SUBMASK
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -365,11 +373,7 @@ def _attn_fwd_tma(
             kb_next = tl.load(idx_row + tl.minimum(j + 1, cnt - 1))
             k = DK.load([row0 + kb_next * 64, 0])
             s_next = _mm(q, tl.trans(k), IEEE)
-            valid = (offs_n < tl.load(BCNT + kb))[None, :]
-            if SUBMASK:
-                bit0 = tl.load(sub0 + kb)
-                bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
-                valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+            valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
             m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     elif PAD_BRANCH and PAD and not SUBMASK:
         # Only edge blocks hold padding: mask the scores of those alone (a uniform branch).
@@ -387,11 +391,7 @@ def _attn_fwd_tma(
             kb = tl.load(idx_row + j)
             k = DK.load([row0 + kb * 64, 0])
             v = DV.load([row0 + kb * 64, 0])
-            valid = (offs_n < tl.load(BCNT + kb))[None, :]
-            if SUBMASK:
-                bit0 = tl.load(sub0 + kb)
-                bit1 = tl.load(sub0 + u_r + kb, mask=has_sub1, other=0)
-                valid = valid & (tl.where(top, bit0, bit1) != 0)[:, None]
+            valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
             s = _mm(q, tl.trans(k), IEEE)
             m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     has = l_i > 0.0
