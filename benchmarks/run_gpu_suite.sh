@@ -2,6 +2,9 @@
 # One device call on a 4-GPU (or 2-GPU) machine: the diffusers Wan 14B block benchmark on GPU 0,
 # then the Ulysses block benchmark on 1, 2 and 4 GPUs. Results and logs go to $OUT (or ./out).
 # Usage from the repo root: bash benchmarks/run_gpu_suite.sh [GPU_COUNTS, default 1,2,4]
+# On a machine without diffusers, put its wheels in .whl-ulysses/ first (git ignores the folder):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl-ulysses \
+#       diffusers==0.42.1 importlib_metadata
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
