@@ -26,6 +26,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     return bool((a - b).abs().max() <= tol * max(1.0, float(b.abs().max())))
 
 
+def _param_grads(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """All parameter gradients of ``mean(out^2)``, flattened into one vector."""
+    model.zero_grad(set_to_none=True)
+    run(model, inputs).square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_threshold_one_matches_dense_and_remove_is_exact(family: str, batch: int) -> None:
@@ -89,14 +96,9 @@ def test_backward_with_gradient_checkpointing(family: str) -> None:
     model.train()
     model.enable_gradient_checkpointing()
 
-    def grads() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        run(model, inputs).square().mean().backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    dense = grads()
+    dense = _param_grads(model, inputs)
     handle = apply_nabla(model, NablaConfig(threshold=1.0))
-    nabla = grads()
+    nabla = _param_grads(model, inputs)
     assert handle.stats().last  # the sparse path ran (also in the recomputation)
     remove_nabla(model)
     # Whole-gradient comparison: single parameters whose exact gradient is 0 (key biases under
@@ -286,14 +288,9 @@ def test_wan_forward_tiling_backward_with_checkpointing() -> None:
     model.train()
     model.enable_gradient_checkpointing()
 
-    def grads() -> torch.Tensor:
-        model.zero_grad(set_to_none=True)
-        run(model, inputs).square().mean().backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    dense = grads()
+    dense = _param_grads(model, inputs)
     handle = apply_nabla(model, NablaConfig(threshold=1.0, tiling="forward"))
-    nabla = grads()
+    nabla = _param_grads(model, inputs)
     remove_nabla(handle)
     assert (nabla - dense).norm() <= 1e-5 * dense.norm()
     with pytest.raises(ValueError, match="WanTransformer3DModel only"):

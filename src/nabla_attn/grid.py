@@ -256,7 +256,7 @@ def untile(x: torch.Tensor, layout: TokenLayout, *, like: torch.Tensor | None = 
     if _gpu_permute(x):
         return _UntileRows.apply(x, layout, like)
     out = x.index_select(-2, _on_device("scatter", layout, x.device))
-    if like is not None:
+    if like is not None and not like.is_contiguous():  # index_select already gives contiguous
         out = torch.empty_like(like, dtype=x.dtype).copy_(out)
     return out
 

@@ -166,6 +166,19 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _descriptor(x: torch.Tensor, rows: int) -> Any:
+    """A tensor descriptor over contiguous ``[B, H, S, D]`` viewed as ``[B*H*S, D]``, ``rows x D`` boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, H, S, D = x.shape
+    return TensorDescriptor.from_tensor(x.view(B * H * S, D), [rows, D])
+
+
+def _padded(mask: BlockSparseMask, cfg: KernelConfig) -> bool:
+    """Some key block has padding slots (else every listed block is whole: no per-score mask)."""
+    return cfg.mask_full_blocks or mask.layout.tiled_len != mask.layout.seq_len
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,  # type: ignore[override]
@@ -182,34 +195,19 @@ class _BlockSparseAttention(torch.autograd.Function):
         n_tiles = -(-S // tile_m)
         if cnt.shape[2] != n_tiles:
             raise RuntimeError(f"kv lists have {cnt.shape[2]} rows, the kernel needs {n_tiles} tiles of {tile_m}")
-        # Without padding slots every listed key block is whole: no per-score validity mask.
-        pad = cfg.mask_full_blocks or mask.layout.tiled_len != mask.layout.seq_len
         fold = cfg.fold and scale > 0
-        ieee = q.dtype == torch.float32
-        warps = cfg.fwd_warps if tile_m == 128 else 4
-        lists = (*_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2))
-        if cfg.tma and not cfg.pair and _has_tma(q):
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            from ..kernels.attention import _attn_fwd_tma
-
-            dk = TensorDescriptor.from_tensor(k.view(B * H * S, D), [BLOCK_TOKENS, D])
-            dv = TensorDescriptor.from_tensor(v.view(B * H * S, D), [BLOCK_TOKENS, D])
-            _attn_fwd_tma[(n_tiles, B * H)](
-                q, dk, dv, o, lse, cnt, idx, bcnt, sub,
-                *_strides(q), *_strides(o), *lists,
-                H, S, mask.kept.shape[2], scale * _LOG2E,
-                BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=ieee, PAD=pad, FOLD=fold,
-                PREFETCH=cfg.prefetch, PAD_BRANCH=cfg.pad_branch, LAZY=cfg.lazy_rescale and fold, num_warps=warps, num_stages=cfg.fwd_stages,
-            )
-        else:
-            _attn_fwd[(n_tiles, B * H)](
-                q, k, v, o, lse, cnt, idx, bcnt, sub,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(o), *lists,
-                H, S, mask.kept.shape[2], scale * _LOG2E,
-                BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=ieee, PAD=pad, FOLD=fold,
-                PREFETCH=cfg.prefetch and not cfg.pair, LAZY=cfg.lazy_rescale and fold, num_warps=warps, num_stages=cfg.fwd_stages,
-            )
+        tma = cfg.tma and not cfg.pair and _has_tma(q)
+        kk, vv = (_descriptor(k, BLOCK_TOKENS), _descriptor(v, BLOCK_TOKENS)) if tma else (k, v)
+        _attn_fwd[(n_tiles, B * H)](
+            q, kk, vv, o, lse, cnt, idx, bcnt, sub,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
+            H, S, mask.kept.shape[2], scale * _LOG2E,
+            BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+            PAD=_padded(mask, cfg), FOLD=fold, PREFETCH=cfg.prefetch and not cfg.pair,
+            PAD_BRANCH=cfg.pad_branch and tma, LAZY=cfg.lazy_rescale and fold, TMA=tma,
+            num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
+        )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.scale, ctx.cfg = mask, scale, cfg
         return o
@@ -230,7 +228,6 @@ class _BlockSparseAttention(torch.autograd.Function):
         qcnt, qidx = _q_lists(mask, tile_m, submask)
         sub = mask.kept.view(torch.uint8)
         bcnt = block_counts_on(mask.layout, q.device)
-        pad = cfg.mask_full_blocks or mask.layout.tiled_len != mask.layout.seq_len
         delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
         _attn_bwd_delta[(-(-S // 128), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, S, BLOCK_M=128, HEAD_DIM=D, num_warps=8,
@@ -240,30 +237,25 @@ class _BlockSparseAttention(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         )
         warps_m = 8 if tile_m == 128 else 4
+        pad = _padded(mask, cfg)
         tma = cfg.bwd_tma and _has_tma(q)
-        kd = vd = qd = dod = None
-        if tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            kd = TensorDescriptor.from_tensor(k.view(B * H * S, D), [BLOCK_TOKENS, D])
-            vd = TensorDescriptor.from_tensor(v.view(B * H * S, D), [BLOCK_TOKENS, D])
-            if tile_m == BLOCK_TOKENS:
-                qd = TensorDescriptor.from_tensor(q.view(B * H * S, D), [tile_m, D])
-                dod = TensorDescriptor.from_tensor(do.view(B * H * S, D), [tile_m, D])
+        kk, vv = (_descriptor(k, BLOCK_TOKENS), _descriptor(v, BLOCK_TOKENS)) if tma else (k, v)
+        # q/dO boxes only for 64-row tiles: a 128-row box could cross into the next head.
+        q_tma = tma and tile_m == BLOCK_TOKENS
+        qq, dd = (_descriptor(q, tile_m), _descriptor(do, tile_m)) if q_tma else (q, do)
         _attn_bwd_dq[(-(-S // tile_m), B * H)](
-            q, k, v, do, dq, lse, delta, cnt, idx, bcnt, sub, kd if tma else k, vd if tma else v, *common,
+            q, kk, vv, do, dq, lse, delta, cnt, idx, bcnt, sub, *common,
             *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
             H, S, mask.kept.shape[2], scale * _LOG2E, scale,
             BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad, TMA=tma,
             num_warps=min(cfg.dq_warps, warps_m), num_stages=cfg.dq_stages,
         )
         _attn_bwd_dkdv[(S // BLOCK_TOKENS, B * H)](
-            q, k, v, do, dk, dv, lse, delta, qcnt, qidx, bcnt, sub, qd if qd is not None else q,
-            dod if dod is not None else do, *common,
+            qq, k, v, dd, dk, dv, lse, delta, qcnt, qidx, bcnt, sub, *common,
             *_bh_strides(qcnt), *_bh_strides(qidx), qidx.stride(2), *_bh_strides(sub), sub.stride(2),
             H, S, mask.kept.shape[2], scale * _LOG2E, scale,
-            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad,
-            TMA=qd is not None, num_warps=min(cfg.dkdv_warps, warps_m), num_stages=cfg.dkdv_stages,
+            BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad, TMA=q_tma,
+            num_warps=min(cfg.dkdv_warps, warps_m), num_stages=cfg.dkdv_stages,
         )
         return dq, dk, dv, None, None, None
 

@@ -171,17 +171,21 @@ def apply_nabla(target: Any, config: NablaConfig | None = None) -> NablaHandle:
     return NablaHandle(models, session)
 
 
+def _patched_models(target: Any) -> list[Any]:
+    """The transformers behind a NablaHandle, a list of transformers, a pipeline or a transformer."""
+    if isinstance(target, NablaHandle):
+        return list(target.models)
+    if isinstance(target, (list, tuple)):
+        return list(target)
+    return _transformers(target)
+
+
 def remove_nabla(target: Any) -> None:
     """Restore the original attention processors and remove NABLA's hooks (the state dict was never
     changed). Accepts a pipeline, a transformer, a list of transformers or a NablaHandle."""
     from ._core import unpatch_model
 
-    if isinstance(target, NablaHandle):
-        models = target.models
-    elif isinstance(target, (list, tuple)):
-        models = list(target)
-    else:
-        models = _transformers(target)
+    models = _patched_models(target)
     if not any([unpatch_model(m) for m in models]):
         raise ValueError(f"NABLA is not applied to this {type(target).__name__}")
 
@@ -191,12 +195,7 @@ def nabla_stats(target: Any) -> NablaStats:
     layer names are prefixed ``transformer.`` / ``transformer_2.``."""
     from ._core import state_of
 
-    if isinstance(target, NablaHandle):
-        models = target.models
-    elif isinstance(target, (list, tuple)):
-        models = list(target)
-    else:
-        models = _transformers(target)
+    models = _patched_models(target)
     last: dict[str, float] = {}
     mean: dict[str, float] = {}
     step, forwards = -1, 0

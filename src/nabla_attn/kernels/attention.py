@@ -12,7 +12,7 @@ Query tiles are ``BLOCK_M`` = 64 or 128 rows. A 64-row table (``query_block=64``
 (faster) tile. ``PAIR`` processes two listed key blocks per step (a 128-wide key tile gathered from
 two 64-row slabs), halving the loop overhead and softmax rescales.
 
-On Hopper the forward fetches K/V tiles by tensor descriptors (``_attn_fwd_tma``; one listed block
+On Hopper the kernels fetch their listed tiles by tensor descriptors (``TMA``; one listed key block
 is one 64 x D box). Where the layout has no padding slot (``PAD`` False) no per-score validity mask
 is applied; with padding, only partial blocks are masked (``PAD_BRANCH``).
 
@@ -125,6 +125,24 @@ def _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK: tl.constex
 
 
 @triton.jit
+def _rows(X, x_off, s_s, rows, offs_d, n_rows, desc_row, BOUNDED: tl.constexpr, TMA: tl.constexpr):
+    """Consecutive token rows ``rows`` of one (batch, head) of ``X``.
+
+    ``TMA``: ``X`` is a tensor descriptor over the ``[B*H*S, D]`` view and the rows are one box at
+    ``desc_row`` (callers only ask for boxes inside the head). Else a pointer load at offset
+    ``x_off``; ``BOUNDED`` reads rows ``>= n_rows`` as zeros.
+    """
+    if TMA:
+        return X.load([desc_row, 0])
+    else:
+        ptrs = X + x_off + rows[:, None] * s_s + offs_d[None, :]
+        if BOUNDED:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
@@ -132,23 +150,29 @@ def _attn_fwd(
     H, S, NQ64, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PAIR: tl.constexpr,
     SUBMASK: tl.constexpr, IEEE: tl.constexpr, PAD: tl.constexpr, FOLD: tl.constexpr,
-    PREFETCH: tl.constexpr, LAZY: tl.constexpr,
+    PREFETCH: tl.constexpr, PAD_BRANCH: tl.constexpr, LAZY: tl.constexpr, TMA: tl.constexpr,
 ):
-    """``PAD``: some key blocks have padding slots (else no per-score validity mask is applied).
+    """``TMA``: K and V are tensor descriptors (Hopper's bulk copy engine) over ``[B*H*S, D]`` with
+    64 x D boxes; one listed key block is exactly one box, so the copy needs no gather.
+    ``PAD``: some key blocks have padding slots (else no per-score validity mask is applied);
+    ``PAD_BRANCH``: then mask only the scores of partial blocks, behind a uniform branch.
     ``FOLD``: the softmax scale is positive and folds into exp2. ``PREFETCH``: the next key tile's
-    scores are issued before this tile's softmax (software-pipelined Q.K^T)."""
+    scores are issued before this tile's softmax (software-pipelined Q.K^T). ``PAIR``: two listed
+    blocks per step (pointer loads only)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
     idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
+    k_off = b * sk_b + h * sk_h
+    v_off = b * sv_b + h * sv_h
+    row0 = bh * S
     # Per-half table bits of a 64-row table on 128-row tiles (unused, and compiled away, otherwise).
     sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
     has_sub1 = 2 * pid_m + 1 < NQ64
@@ -159,26 +183,24 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if PREFETCH:
-        offs_n = tl.arange(0, 64)
         kb_next = tl.load(idx_row, mask=cnt > 0, other=0)
-        k = tl.load(k_base + (kb_next * 64 + offs_n)[:, None] * sk_s + offs_d[None, :])
+        k = _rows(K, k_off, sk_s, kb_next * 64 + offs_n, offs_d, S, row0 + kb_next * 64, False, TMA)
         s_next = _mm(q, tl.trans(k), IEEE)
         for j in range(0, cnt):
             s = s_next
             kb = tl.load(idx_row + j)
-            v = tl.load(v_base + (kb * 64 + offs_n)[:, None] * sv_s + offs_d[None, :])
+            v = _rows(V, v_off, sv_s, kb * 64 + offs_n, offs_d, S, row0 + kb * 64, False, TMA)
             # The last step recomputes its own tile instead of reading past the list.
             kb_next = tl.load(idx_row + tl.minimum(j + 1, cnt - 1))
-            k = tl.load(k_base + (kb_next * 64 + offs_n)[:, None] * sk_s + offs_d[None, :])
+            k = _rows(K, k_off, sk_s, kb_next * 64 + offs_n, offs_d, S, row0 + kb_next * 64, False, TMA)
             s_next = _mm(q, tl.trans(k), IEEE)
             valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
             m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
-    else:
-        STEP: tl.constexpr = 2 if PAIR else 1
-        for j in range(0, cnt, STEP):
-            tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, PAIR)
-            k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
-            v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
+    elif PAIR:
+        for j in range(0, cnt, 2):
+            tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, True)
+            k = tl.load(K + k_off + tok[:, None] * sk_s + offs_d[None, :])
+            v = tl.load(V + v_off + tok[:, None] * sv_s + offs_d[None, :])
             valid = ok_n[None, :]
             if SUBMASK:
                 bit0 = tl.load(sub0 + kb)
@@ -186,6 +208,21 @@ def _attn_fwd(
                 valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
             s = _mm(q, tl.trans(k), IEEE)
             m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
+    else:
+        for j in range(0, cnt):
+            kb = tl.load(idx_row + j)
+            k = _rows(K, k_off, sk_s, kb * 64 + offs_n, offs_d, S, row0 + kb * 64, False, TMA)
+            v = _rows(V, v_off, sv_s, kb * 64 + offs_n, offs_d, S, row0 + kb * 64, False, TMA)
+            s = _mm(q, tl.trans(k), IEEE)
+            if PAD_BRANCH and PAD and not SUBMASK:
+                # Only edge blocks hold padding: mask the scores of those alone.
+                nval = tl.load(BCNT + kb)
+                if nval < 64:
+                    s = tl.where((offs_n < nval)[None, :], s, float("-inf"))
+                m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, s, qk_scale, False, FOLD, IEEE, LAZY)
+            else:
+                valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
+                m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -212,20 +249,20 @@ def _attn_bwd_delta(O, DO, DELTA, so_b, so_h, so_s, sd_b, sd_h, sd_s, H, S,
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB, KD, VD,
+    Q, K, V, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
     PAD: tl.constexpr, TMA: tl.constexpr,
 ):
-    """dQ over the kv lists. ``TMA``: K/V tiles through the descriptors ``KD``/``VD`` over
-    ``[B*H*S, D]`` (one listed block is one 64 x D box)."""
+    """dQ over the kv lists. ``TMA``: K and V are tensor descriptors, as in :func:`_attn_fwd`."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -234,33 +271,19 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
     cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
     idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
-    k_base = K + b * sk_b + h * sk_h
-    v_base = V + b * sv_b + h * sv_h
-    if SUBMASK:
-        sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
-        has_sub1 = 2 * pid_m + 1 < NQ64
-        top = offs_m < pid_m * BLOCK_M + 64
+    k_off = b * sk_b + h * sk_h
+    v_off = b * sv_b + h * sv_h
+    sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
+    has_sub1 = 2 * pid_m + 1 < NQ64
+    top = offs_m < pid_m * BLOCK_M + 64
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for j in range(0, cnt):
-        if TMA:
-            offs_n = tl.arange(0, 64)
-            kb_s = tl.load(idx_row + j)
-            k = KD.load([bh * S + kb_s * 64, 0])
-            v = VD.load([bh * S + kb_s * 64, 0])
-            ok_n = offs_n < tl.load(BCNT + kb_s)
-            kb = kb_s + offs_n * 0
-        else:
-            tok, ok_n, kb = _key_tile(idx_row, BCNT, j, cnt, False)
-            k = tl.load(k_base + tok[:, None] * sk_s + offs_d[None, :])
-            v = tl.load(v_base + tok[:, None] * sv_s + offs_d[None, :])
+        kb = tl.load(idx_row + j)
+        k = _rows(K, k_off, sk_s, kb * 64 + offs_n, offs_d, S, bh * S + kb * 64, False, TMA)
+        v = _rows(V, v_off, sv_s, kb * 64 + offs_n, offs_d, S, bh * S + kb * 64, False, TMA)
         p = tl.math.exp2(_mm(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         if PAD or SUBMASK:
-            valid = ok_n[None, :]
-            if SUBMASK:
-                bit0 = tl.load(sub0 + kb)
-                bit1 = tl.load(sub0 + u_r + kb, mask=(kb >= 0) & has_sub1, other=0)
-                valid = valid & (tl.where(top[:, None], bit0[None, :], bit1[None, :]) != 0)
-            p = tl.where(valid, p, 0.0)
+            p = tl.where(_block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK), p, 0.0)
         dp = _mm(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, IEEE)
@@ -271,7 +294,7 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QCNT, QIDX, BCNT, SUB, QD, DOD,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QCNT, QIDX, BCNT, SUB,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
@@ -279,7 +302,7 @@ def _attn_bwd_dkdv(
     PAD: tl.constexpr, TMA: tl.constexpr,
 ):
     """dK, dV over the q-side lists, one program per key block. ``TMA`` (64-row query tiles, so a
-    tile never crosses a head): q and dO tiles through the descriptors ``QD``/``DOD``."""
+    tile never crosses a head): Q and DO are tensor descriptors with ``BLOCK_M`` x D boxes."""
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -292,8 +315,8 @@ def _attn_bwd_dkdv(
     v = tl.load(V + b * sv_b + h * sv_h + tok[:, None] * sv_s + offs_d[None, :])
     cnt = tl.load(QCNT + b * c_b + h * c_h + kb)
     idx_row = QIDX + b * i_b + h * i_h + kb * i_r
-    q_base = Q + b * sq_b + h * sq_h
-    do_base = DO + b * sd_b + h * sd_h
+    q_off = b * sq_b + h * sq_h
+    do_off = b * sd_b + h * sd_h
     sub_base = SUB + b * u_b + h * u_h + kb
     dk = tl.zeros([64, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([64, HEAD_DIM], dtype=tl.float32)
@@ -301,12 +324,8 @@ def _attn_bwd_dkdv(
         qt = tl.load(idx_row + j)
         offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
         ok_m = offs_m < S
-        if TMA:
-            q = QD.load([bh * S + qt * BLOCK_M, 0])
-            do = DOD.load([bh * S + qt * BLOCK_M, 0])
-        else:
-            q = tl.load(q_base + offs_m[:, None] * sq_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok_m[:, None], other=0.0)
+        q = _rows(Q, q_off, sq_s, offs_m, offs_d, S, bh * S + qt * BLOCK_M, True, TMA)
+        do = _rows(DO, do_off, sd_s, offs_m, offs_d, S, bh * S + qt * BLOCK_M, True, TMA)
         lse = tl.load(LSE + bh * S + offs_m, mask=ok_m, other=float("inf"))
         delta = tl.load(DELTA + bh * S + offs_m, mask=ok_m, other=0.0)
         # Query rows past S load lse = +inf, so their probabilities are exactly 0 without a mask.
@@ -326,79 +345,3 @@ def _attn_bwd_dkdv(
     dk = dk * sm_scale
     tl.store(DK + b * sk_b + h * sk_h + tok[:, None] * sk_s + offs_d[None, :], dk.to(DK.dtype.element_ty))
     tl.store(DV + b * sv_b + h * sv_h + tok[:, None] * sv_s + offs_d[None, :], dv.to(DV.dtype.element_ty))
-
-
-@triton.jit
-def _attn_fwd_tma(
-    Q, DK, DV, O, LSE, CNT, IDX, BCNT, SUB,
-    sq_b, sq_h, sq_s, so_b, so_h, so_s,
-    c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
-    H, S, NQ64, qk_scale,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr, FOLD: tl.constexpr, PREFETCH: tl.constexpr, PAD_BRANCH: tl.constexpr, LAZY: tl.constexpr,
-):
-    """:func:`_attn_fwd` with K/V tiles fetched by the Hopper bulk tensor copy engine (TMA).
-
-    ``DK``/``DV`` are host-side tensor descriptors over K and V viewed as ``[B*H*S, D]`` with
-    64 x D boxes; one listed key block is exactly one box, so the copy needs no gather.
-    """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, 64)
-    row_ok = offs_m < S
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
-    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
-    row0 = bh * S
-    # Per-half table bits of a 64-row table on 128-row tiles (unused, and compiled away, otherwise).
-    sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
-    has_sub1 = 2 * pid_m + 1 < NQ64
-    top = offs_m < pid_m * BLOCK_M + 64
-    MASKED: tl.constexpr = PAD or SUBMASK
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if PREFETCH:
-        kb_next = tl.load(idx_row, mask=cnt > 0, other=0)
-        k = DK.load([row0 + kb_next * 64, 0])
-        s_next = _mm(q, tl.trans(k), IEEE)
-        for j in range(0, cnt):
-            s = s_next
-            kb = tl.load(idx_row + j)
-            v = DV.load([row0 + kb * 64, 0])
-            kb_next = tl.load(idx_row + tl.minimum(j + 1, cnt - 1))
-            k = DK.load([row0 + kb_next * 64, 0])
-            s_next = _mm(q, tl.trans(k), IEEE)
-            valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
-    elif PAD_BRANCH and PAD and not SUBMASK:
-        # Only edge blocks hold padding: mask the scores of those alone (a uniform branch).
-        for j in range(0, cnt):
-            kb = tl.load(idx_row + j)
-            k = DK.load([row0 + kb * 64, 0])
-            v = DV.load([row0 + kb * 64, 0])
-            nval = tl.load(BCNT + kb)
-            s = _mm(q, tl.trans(k), IEEE)
-            if nval < 64:
-                s = tl.where((offs_n < nval)[None, :], s, float("-inf"))
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, s, qk_scale, False, FOLD, IEEE, LAZY)
-    else:
-        for j in range(0, cnt):
-            kb = tl.load(idx_row + j)
-            k = DK.load([row0 + kb * 64, 0])
-            v = DV.load([row0 + kb * 64, 0])
-            valid = _block_valid(BCNT, kb, offs_n, sub0, u_r, has_sub1, top, SUBMASK)
-            s = _mm(q, tl.trans(k), IEEE)
-            m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, valid, qk_scale, MASKED, FOLD, IEEE, LAZY)
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
-    lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
-    tl.store(LSE + bh * S + offs_m, lse, mask=row_ok)
-
