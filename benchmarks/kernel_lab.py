@@ -23,11 +23,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nabla_attn import TokenLayout, VideoGrid  # noqa: E402
 from nabla_attn.backends.triton_kernel import DEFAULT_CONFIG, triton_attention  # noqa: E402
-from nabla_attn.bench import _dense_sdpa, structured_qkv, threshold_for_density, time_ms  # noqa: E402
-from nabla_attn.kernels.mask_build import pool_blocks_lean, pool_blocks_pair, table_from_scores  # noqa: E402
+from nabla_attn.bench import _dense_sdpa, masked_errors, structured_qkv, threshold_for_density, time_ms  # noqa: E402
+from nabla_attn.kernels.mask_build import block_scores, pool_blocks_pair, table_from_scores  # noqa: E402
+
+try:  # the previous row kernel, copied from git for a side-by-side timing (not part of the library)
+    import _old_mask_build as OLD_MB  # type: ignore[import-not-found]
+except ImportError:
+    OLD_MB = None
 
 D0 = DEFAULT_CONFIG
 OLD = replace(D0, fold=False, mask_full_blocks=True, tma=False)  # the kernel of the previous session
@@ -52,6 +58,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--variants", default=",".join(FWD_VARIANTS), help="forward variants to time")
+    ap.add_argument("--skip-mask", action="store_true", help="forward variants only")
+    ap.add_argument("--skip-fwd", action="store_true", help="mask variants only")
+    ap.add_argument("--errors", action="store_true", help="errors vs float64 for every variant (sampled rows)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(0)
@@ -72,7 +81,7 @@ def main() -> None:
             masks[qb] = m
             srow[f"q{qb}_density"] = m.density
         refs = {qb: triton_attention(q, k, v, masks[qb], scale, D0) for qb in (64, 128)}
-        names = {n: FWD_VARIANTS[n] for n in args.variants.split(",")}
+        names = {} if args.skip_fwd else {n: FWD_VARIANTS[n] for n in args.variants.split(",")}
         for name, cfg in names.items():
             row: dict[str, Any] = {"config": asdict(cfg)}
             for qb in (64, 128):
@@ -87,40 +96,84 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a variant that fails to compile is a result
                     row[f"q{qb}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     traceback.print_exc(limit=2)
+            if args.errors:
+                for qb in (64, 128):
+                    try:
+                        out = triton_attention(q, k, v, masks[qb], scale, cfg)
+                        e = masked_errors(q, k, v, masks[qb], {name: out}, scale, heads=2, rows=1024)
+                        row[f"q{qb}_err_ratio"] = e[name]["ratio_vs_torch"]
+                        row[f"q{qb}_err_rel"] = e[name]["rel"]
+                        row[f"q{qb}_torch_rel"] = e["torch_sdpa_lowp"]["rel"]
+                    except Exception as exc:  # noqa: BLE001
+                        row[f"q{qb}_err_error"] = repr(exc)[:200]
             srow["fwd"][name] = row
             print(f"  {name:12s} " + "  ".join(
                 f"q{qb}: {row[f'q{qb}_ms']:.2f} ms ({row[f'q{qb}_speedup']:.2f}x, {row[f'q{qb}_frac_ideal']:.0%} ideal, "
-                f"diff {row[f'q{qb}_maxdiff']:.1e})" if f"q{qb}_ms" in row else f"q{qb}: {row.get(f'q{qb}_error', '')[:80]}"
+                f"diff {row[f'q{qb}_maxdiff']:.1e}, err x{row.get(f'q{qb}_err_ratio', float('nan')):.2f})" if f"q{qb}_ms" in row else f"q{qb}: {row.get(f'q{qb}_error', '')[:80]}"
                 for qb in (64, 128)), flush=True)
-        # Mask builder stages, and the row kernel's select variants.
-        nv = layout.num_video_blocks
-        qa, ka = pool_blocks_lean(q, layout, nv), pool_blocks_lean(k, layout, nv)
-        scores = (qa @ ka.transpose(-1, -2)) / math.sqrt(128)
-        thr64, _ = threshold_for_density(q, k, layout, args.density, 64)
-        cut = float(torch.tensor(1.0 - thr64, dtype=torch.float32))
-        mrow: dict[str, Any] = {
-            "pool_q_k_ms": time_ms(lambda: (pool_blocks_lean(q, layout, nv), pool_blocks_lean(k, layout, nv))),
-            "pool_pair_ms": time_ms(lambda: pool_blocks_pair(q, k, layout, nv)),
-            "scores_matmul_ms": time_ms(lambda: qa @ ka.transpose(-1, -2)),
-            "rows": {},
-        }
-        base, _ = table_from_scores(scores, layout, cut, None, 64, write_lists=True)
-        for warps in (1, 2, 4):
-            f = lambda: table_from_scores(scores, layout, cut, None, 64, write_lists=True, row_warps=warps)  # noqa: E731
-            got, _ = f()
-            mrow["rows"][f"w{warps}"] = {"ms": time_ms(f, budget_ms=200), "entries_differ": int((got != base).sum())}
-        best = min((r["ms"], n) for n, r in mrow["rows"].items() if "ms" in r)
-        print(f"  mask: pool {mrow['pool_q_k_ms']:.3f} ms (pair {mrow['pool_pair_ms']:.3f}), scores {mrow['scores_matmul_ms']:.3f} ms, rows "
-              + ", ".join(f"{n} {r['ms']:.3f}" for n, r in mrow["rows"].items() if "ms" in r)
-              + f"; best {best[1]} {best[0]:.3f} ms", flush=True)
-        srow["mask"] = mrow
+        if not args.skip_mask:
+            srow["mask"] = mask_lab(q, k, layout, args.density)
         result["shapes"][sname] = srow
-        del q, k, v, masks, refs, qa, ka, scores
+        del q, k, v, masks, refs
         torch.cuda.empty_cache()
     result["choice"] = choose(result)
     print("choice:", result["choice"])
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("wrote", args.out)
+
+
+def mask_lab(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, density: float) -> dict[str, Any]:
+    """Mask builder stages: pooling (warps), the score product (torch float32 vs tensor-core
+    ``tf32x3`` / CUDA-core ``ieee`` kernels; table entries that differ from the table of float64
+    scores), and the row kernel (previous vs current, warps), for 64- and 128-token query rows."""
+    nv = layout.num_video_blocks
+    qa, ka = pool_blocks_pair(q, k, layout, nv)
+    thr64, _ = threshold_for_density(q, k, layout, density, 64)
+    cut = float(torch.tensor(1.0 - thr64, dtype=torch.float32))
+    mrow: dict[str, Any] = {"pool": {}, "scores": {}, "rows": {}}
+    for w in (1, 2, 4):
+        mrow["pool"][f"w{w}"] = time_ms(lambda: pool_blocks_pair(q, k, layout, nv, warps=w))
+    exact = ((qa.double() @ ka.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])).float()
+    truth, _ = table_from_scores(exact, layout, cut, None, 64)
+    products = {
+        "torch_fp32": lambda: (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1]),
+        "tf32x3": lambda: block_scores(qa, ka, "tf32x3"),
+        "ieee": lambda: block_scores(qa, ka, "ieee"),
+        "tf32": lambda: block_scores(qa, ka, "tf32"),
+        "tf32x3_b128_w8": lambda: block_scores(qa, ka, "tf32x3", block=128, warps=8),
+    }
+    for name, f in products.items():
+        try:
+            sc = f()
+        except Exception as exc:  # noqa: BLE001 - a variant that does not fit is a result
+            mrow["scores"][name] = {"ms": float("nan"), "error": repr(exc)[:200], "entries_differ_vs_fp64_table": -1}
+            continue
+        kept, _ = table_from_scores(sc, layout, cut, None, 64)
+        mrow["scores"][name] = {"ms": time_ms(f), "max_abs_vs_fp64": float((sc - exact).abs().max()),
+                                "entries_differ_vs_fp64_table": int((kept != truth).sum())}
+    scores = block_scores(qa, ka)
+    for qb in (64, 128):
+        base = None
+        if OLD_MB is not None:
+            f = lambda: OLD_MB.table_from_scores(scores, layout, cut, None, qb, write_lists=True)  # noqa: E731
+            base, _ = f()
+            mrow["rows"][f"old_q{qb}"] = {"ms": time_ms(f, budget_ms=200)}
+        for warps in (1, 2, 4):
+            f = lambda: table_from_scores(scores, layout, cut, None, qb, write_lists=True, row_warps=warps)  # noqa: E731
+            got, lists = f()
+            r: dict[str, Any] = {"ms": time_ms(f, budget_ms=200)}
+            if base is not None:
+                r["entries_differ_vs_old"] = int((got != base).sum())
+            mrow["rows"][f"new_q{qb}_w{warps}"] = r
+    from nabla_attn.bench import fast_mask
+
+    for qb in (64, 128):
+        mrow[f"total_q{qb}_ms"] = time_ms(lambda: fast_mask(q, k, layout, thr64, qb))
+    print("  mask: pool " + ", ".join(f"{n} {t:.3f}" for n, t in mrow["pool"].items())
+          + " | scores " + ", ".join(f"{n} {r['ms']:.3f} ({r['entries_differ_vs_fp64_table']} differ)" for n, r in mrow["scores"].items())
+          + " | rows " + ", ".join(f"{n} {r['ms']:.3f}" for n, r in mrow["rows"].items())
+          + f" | total q64 {mrow['total_q64_ms']:.3f} q128 {mrow['total_q128_ms']:.3f} ms", flush=True)
+    return mrow
 
 
 def choose(result: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,26 @@ def test_fast_mask_matches_eager(threshold: float) -> None:
         assert torch.equal(f128.kept, e128.kept)
 
 
+@pytest.mark.parametrize("grid,text", [((1, 8, 8), 0), ((2, 16, 16), 0), ((1, 9, 24), 0), ((3, 8, 40), 64), ((1, 24, 24), 0)])
+def test_fast_mask_row_segments(grid: tuple[int, int, int], text: int) -> None:
+    """Tables of 1, 8, 6, 16 and 9 columns: the row kernel's two column segments (a power of two and
+    its rest) cover every column, whole powers of two included, with and without query grouping."""
+    from nabla_attn.kernels.mask_build import build_nabla_mask_fast, row_segments
+
+    layout = TokenLayout(VideoGrid(*grid), text)
+    main, tail = row_segments(layout.num_blocks)
+    assert main + tail >= layout.num_blocks and main & (main - 1) == 0 and tail & (tail - 1) == 0
+    g = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(1, 2, layout.seq_len, 16, generator=g) for _ in range(2))
+    qt, kt = tile(q, layout).to(DEVICE), tile(k, layout).to(DEVICE)
+    for qb in (64, 128):
+        fast = build_nabla_mask_fast(qt, kt, layout, 0.6, (1, 1, 3), query_block=qb)
+        eager = nabla_mask_tiled(qt, kt, layout, 0.6, (1, 1, 3), query_block=qb)
+        assert torch.equal(fast.kept, eager.kept)
+        counts, idx = fast.kv_lists()
+        assert torch.equal(counts, compact_rows(fast.kept)[0])
+
+
 @pytest.mark.parametrize("window", [(1, 3, 3), (3, 1, 5)])
 @pytest.mark.parametrize("query_block", [64, 128])
 def test_fast_mask_with_sta_and_text(window: tuple[int, int, int], query_block: int) -> None:
@@ -119,6 +139,21 @@ def test_fast_mask_nonfinite_rows_keep_everything() -> None:
     assert m.kept[0, 0, 4].all()
     assert not m.kept[0, 0, 5].all()
     assert torch.equal(m.kept, nabla_mask_tiled(q, k, LAYOUT, 0.3).kept)
+
+
+def test_fast_mask_dominant_block_in_tail_segment() -> None:
+    """A key block whose score exceeds the rest by far more than float32's exp range (block 17 sits
+    in the row kernel's tail segment): the softmax max must cover both segments, or exp overflows."""
+    from nabla_attn.kernels.mask_build import row_segments
+
+    assert row_segments(LAYOUT.num_blocks)[0] <= 17
+    q, k = _qk(6, B=1, H=1)
+    direction = torch.randn(q.shape[-1], generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    q = q + 3 * direction
+    k[0, 0, 64 * 17: 64 * 17 + int(LAYOUT.block_counts()[17])] += 300 * direction
+    fast, eager = _fast(q, k, 0.5), nabla_mask_tiled(q, k, LAYOUT, 0.5)
+    assert torch.equal(fast.kept, eager.kept)
+    assert not fast.kept[0, 0, :18, :17].any(), "only the dominant block (and text) should be kept"
 
 
 @pytest.mark.parametrize("transpose", [False, True])

@@ -134,19 +134,22 @@ def test_broadcast_head_mask_and_batch() -> None:
     assert _rel(out, ref) < 2e-5
 
 
-def test_half_precision_error_within_twice_pytorch() -> None:
-    """Flash-attention rule: our fp16 error <= 2x PyTorch's own fp16 masked attention error."""
-    from nabla_attn.backends.triton_kernel import triton_attention
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_within_twice_pytorch(dtype: torch.dtype) -> None:
+    """Flash-attention rule: our fp16/bf16 error <= 2x PyTorch's own masked attention error in that dtype."""
+    from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
 
-    q, k, v = _inputs(1, 2, 32, seed=12, dtype=torch.float16)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("Triton's interpreter has no bfloat16 arithmetic (numpy): bf16 runs on the GPU only")
+    q, k, v = _inputs(1, 2, 32, seed=12, dtype=dtype)
     mask = _random_mask(1, 2, 64, seed=5)
-    out = triton_attention(q, k, v, mask, 1 / math.sqrt(32))
+    out = triton_attention(q, k, v, mask, 1 / math.sqrt(32), KernelConfig())
     ref = reference_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(32))
-    # PyTorch's fp16 attention on the same masked problem, token mask built from the table.
+    # PyTorch's attention on the same masked problem in the same dtype, token mask from the table.
     kept = mask.kept[0].repeat_interleave(64, 1).repeat_interleave(64, 2) & LAYOUT.valid_tokens(DEVICE)
     has = kept.any(-1, keepdim=True)
-    s = (q[0] @ k[0].transpose(-1, -2)) * (1 / math.sqrt(32))  # fp16 scores, as a fp16 SDPA would
-    p = torch.softmax(s.float().masked_fill(~kept, float("-inf")), -1).to(torch.float16)
+    s = (q[0] @ k[0].transpose(-1, -2)) * (1 / math.sqrt(32))  # low-precision scores, as SDPA would
+    p = torch.softmax(s.float().masked_fill(~kept, float("-inf")), -1).to(dtype)
     torch_lowp = torch.where(has, p @ v[0], torch.zeros_like(v[0]))[None]
     valid = LAYOUT.valid_tokens(DEVICE)
     err = (out.double() - ref)[..., valid, :].abs().max()

@@ -171,12 +171,12 @@ def fast_mask(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, threshold: 
 
 def mask_breakdown(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, threshold: float) -> dict[str, float]:
     """Time the fused builder's stages: pooling, the score product, the row kernel (+ lists)."""
-    from .kernels.mask_build import pool_blocks_pair
+    from .kernels.mask_build import block_scores, pool_blocks_pair
 
     nv = layout.num_video_blocks
     qa, ka = pool_blocks_pair(q, k, layout, nv)
     out = {"pool_q_and_k": time_ms(lambda: pool_blocks_pair(q, k, layout, nv)),
-           "scores_matmul": time_ms(lambda: qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1]))}
+           "scores_matmul": time_ms(lambda: block_scores(qa, ka))}
     out["total"] = time_ms(lambda: fast_mask(q, k, layout, threshold, 64))
     out["rows_kernel_and_rest"] = out["total"] - out["pool_q_and_k"] - out["scores_matmul"]
     return out

@@ -268,7 +268,9 @@ def _tables_from_means(
     rule, and it also returns the kv lists the kernel writes; on CPU, or if that kernel cannot run,
     the eager definition (lists None).
     """
-    scores = qa @ ka.transpose(-1, -2) / math.sqrt(head_dim)
+    scores = _scores_fast(qa, ka) if qa.is_cuda and head_dim == qa.shape[-1] else None
+    if scores is None:
+        scores = qa @ ka.transpose(-1, -2) / math.sqrt(head_dim)
     if scores.is_cuda:
         fast = _tables_fast(scores, layout, threshold, window, query_block)
         if fast is not None:
@@ -286,6 +288,15 @@ def _eager_tables(
 
 
 _fast_failed: list[str] = []
+
+
+def _scores_fast(qa: torch.Tensor, ka: torch.Tensor) -> torch.Tensor | None:
+    """Block scores by the single-GPU builder's own product (the same float32 rounding), if Triton imports."""
+    try:
+        from ..kernels.mask_build import block_scores
+    except ImportError:
+        return None
+    return block_scores(qa.contiguous(), ka.contiguous())
 
 
 def _tables_fast(

@@ -3,9 +3,9 @@
 The eager definition (:func:`nabla_attn.masks.cdf_keep`) sorts every probability row, takes a running
 sum, maps ties with ``searchsorted`` and scatters back through the sort order: at Wan 14B 720p that is
 a sort, a gather and a scatter of ``[40, 1050, 1050]`` tensors with int64 indices (~14 ms, >1 GiB of
-temporaries). Here one Triton program owns one query row of the table (two 64-token rows for
-``query_block=128``), keeps the row of scores in registers, and finds the cut by bisection on the
-*bit pattern* of the probability:
+temporaries). Here each Triton program owns two 64-token rows of the table, keeps their scores
+in registers (each row as a power-of-two segment plus its rest, so 1,050 columns take 1,056 lanes,
+not 2,048), and finds each row's cut by bisection on the *bit pattern* of the probability:
 
     S(x) = sum of P_i over i with P_i <= x      (non-decreasing in x, steps at the P_i)
     keep j  <=>  S(P_j) >= 1 - threshold  <=>  P_j >= x*,  x* = min{x : S(x) >= 1 - threshold}
@@ -17,8 +17,8 @@ additions inside ``S``: blocks whose running sum lies within rounding of the cut
 
 The same program ORs in the STA window (from block coordinates), keeps text rows and columns,
 ORs consecutive 64-rows for ``query_block=128``, writes the bool row and compacts it into the kv
-list (``tl.cumsum`` positions, no sort). Pooling and the ``[Nv, Nv]`` score product stay in PyTorch
-(one fp32 ``[B, H, Nv, Nv]`` tensor, 176 MB at Wan 14B 720p).
+list (``tl.cumsum`` positions, no sort). Before it, one kernel pools q and k (one read of each, in
+their dtype) and one computes the float32 ``[B, H, Nv, Nv]`` scores on tensor cores (``tf32x3``).
 """
 
 from __future__ import annotations
@@ -36,77 +36,144 @@ from ..masks import BlockSparseMask, check_sta_window, check_threshold
 
 
 @triton.jit
+def _sum_at_or_below(p, bits, mid):
+    """Per row: the probability mass of the entries whose bit pattern is <= ``mid`` (``[R]``)."""
+    return tl.sum(tl.where(bits <= mid[:, None], p, 0.0), axis=1)
+
+
+@triton.jit
+def _fixed_keep(r, cols, NV, NB, WT, WR, WC, TR, TC, HAS_STA: tl.constexpr):
+    """What rows ``r`` keep at columns ``cols`` whatever the scores: text rows keep everything,
+    every row keeps the text columns, and the STA window (``int32 [R, C]``)."""
+    keep = (((cols < NB)[None, :]) & ((cols >= NV)[None, :] | (r >= NV)[:, None])).to(tl.int32)
+    if HAS_STA:
+        rt = r // (TR * TC)
+        rr = (r // TC) % TR
+        rc = r % TC
+        ct = cols // (TR * TC)
+        cr = (cols // TC) % TR
+        cc = cols % TC
+        near = ((tl.abs(ct[None, :] - rt[:, None]) <= WT) & (tl.abs(cr[None, :] - rr[:, None]) <= WR)
+                & (tl.abs(cc[None, :] - rc[:, None]) <= WC))
+        keep = keep | (near & (cols < NV)[None, :] & (r < NV)[:, None]).to(tl.int32)
+    return keep
+
+
+@triton.jit
+def _scores(S_row, s_r, r, cols, NV):
+    """Block scores of video rows ``r`` x video columns ``cols``; ``-inf`` elsewhere."""
+    ok = (cols < NV)[None, :] & (r < NV)[:, None]
+    return tl.load(S_row + r[:, None] * s_r + cols[None, :], mask=ok, other=float("-inf"))
+
+
+@triton.jit
+def _probs(s, m, denom, cols, NV):
+    return tl.where((cols < NV)[None, :], tl.exp(s - m[:, None]) / denom[:, None], 0.0)
+
+
+@triton.jit
+def _n_bad(p):
+    return tl.sum(((p != p) | (p == float("inf"))).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _cut_keep(bits, hi, reached, bad, r, cols, NV):
+    """The CDF cut's keeps: entries at or above the cut value ``hi`` of rows whose mass reaches the
+    cut; every video column of rows with a NaN/inf probability."""
+    sel = ((bits >= hi[:, None]) & reached[:, None]) | bad[:, None]
+    return (sel & (cols < NV)[None, :] & (r < NV)[:, None]).to(tl.int32)
+
+
+@triton.jit
+def _store_rows(KEPT_row, IDX_row, CNT_row, k_r, i_r, orow, ok, ka, kb, ca, cb, NB, WRITE_LISTS: tl.constexpr):
+    """Rows ``orow`` (where ``ok``) of the bool table and, with ``WRITE_LISTS``, their kv lists, from
+    the keeps of two column segments ``ca`` and ``cb``."""
+    in_a = ok[:, None] & (ca < NB)[None, :]
+    in_b = ok[:, None] & (cb < NB)[None, :]
+    ka = tl.where(in_a, ka, 0)
+    kb = tl.where(in_b, kb, 0)
+    tl.store(KEPT_row + orow[:, None] * k_r + ca[None, :], ka.to(tl.int8), mask=in_a)
+    tl.store(KEPT_row + orow[:, None] * k_r + cb[None, :], kb.to(tl.int8), mask=in_b)
+    if WRITE_LISTS:
+        na = tl.sum(ka, axis=1)
+        base = IDX_row + orow[:, None] * i_r
+        tl.store(base + tl.cumsum(ka, axis=1) - 1, ca[None, :] + orow[:, None] * 0, mask=ka != 0)
+        tl.store(base + na[:, None] + tl.cumsum(kb, axis=1) - 1, cb[None, :] + orow[:, None] * 0, mask=kb != 0)
+        tl.store(CNT_row + orow, na + tl.sum(kb, axis=1), mask=ok)
+
+
+@triton.jit
 def _nabla_rows_kernel(
     S_ptr, KEPT_ptr, CNT_ptr, IDX_ptr,
     s_b, s_h, s_r,
     k_b, k_h, k_r,
     c_b, c_h,
     i_b, i_h, i_r,
-    H, NV, NB, NQ,
+    H, NV, NB,
     cut,
     WT, WR, WC, TR, TC,
     HAS_THR: tl.constexpr, HAS_STA: tl.constexpr, GROUP: tl.constexpr,
-    WRITE_LISTS: tl.constexpr, BLOCK: tl.constexpr,
+    WRITE_LISTS: tl.constexpr, MAIN: tl.constexpr, TAIL: tl.constexpr,
 ):
-    qrow = tl.program_id(0)
+    """Two 64-token rows of the table per program, each row's columns split into a ``MAIN`` and a
+    ``TAIL`` segment (1,050 columns: 1,024 + 32 lanes rather than 2,048). ``GROUP == 2`` writes
+    their OR as one 128-token query row."""
+    pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    cols = tl.arange(0, BLOCK)
-    in_table = cols < NB
-    video_col = cols < NV
-    keep_any = tl.zeros([BLOCK], dtype=tl.int32)
-    for g in tl.static_range(GROUP):
-        r = qrow * GROUP + g
-        row_ok = r < NB
-        is_text_row = r >= NV
-        # Text columns are always kept; text rows keep everything.
-        keep = (in_table & ((cols >= NV) | is_text_row)).to(tl.int32)
-        if HAS_THR:
-            s = tl.load(S_ptr + b * s_b + h * s_h + r * s_r + cols,
-                        mask=video_col & row_ok & (r < NV), other=float("-inf"))
-            m = tl.max(s, axis=0)
-            m = tl.where(m == float("-inf"), 0.0, m)  # text rows load nothing: no -inf - -inf
-            e = tl.exp(s - m)
-            e = tl.where(video_col, e, 0.0)
-            denom = tl.sum(e, axis=0)
-            # Text rows load nothing (denom 0): divide by 1 there; video rows keep 0/0 = NaN semantics.
-            p = e / tl.where((denom > 0) | (r < NV), denom, 1.0)
-            p = tl.where(video_col, p, 0.0)
-            # A row with NaN/inf anywhere keeps every block (NaN must reach the output).
-            bad = tl.sum(((p != p) | (p == float("inf"))).to(tl.int32), axis=0) > 0
-            pb = p.to(tl.int32, bitcast=True)
-            total = tl.sum(p, axis=0)
-            # int32 scalars (not constexpr) so the loop can carry them.
-            lo = qrow * 0 - 1
-            hi = qrow * 0 + 0x3F800000
-            # Invariant: S(lo) < cut <= S(hi) (S(bits(1.0)) = total; checked below).
-            for _ in range(31):
-                mid = (lo + hi) // 2
-                smid = tl.sum(tl.where(pb <= mid, p, 0.0), axis=0)
-                go_lo = smid >= cut
-                hi = tl.where(go_lo, mid, hi)
-                lo = tl.where(go_lo, lo, mid)
-            # (tl.where on the reduced scalars: the interpreter cannot AND a vector with them.)
-            cut_keep = tl.where(total >= cut, (pb >= hi) & video_col, False)
-            cut_keep = tl.where(bad, video_col, cut_keep)
-            keep = keep | (cut_keep & (r < NV)).to(tl.int32)
-        if HAS_STA:
-            rt = r // (TR * TC)
-            rr = (r // TC) % TR
-            rc = r % TC
-            ct = cols // (TR * TC)
-            cr = (cols // TC) % TR
-            cc = cols % TC
-            near = (tl.abs(ct - rt) <= WT) & (tl.abs(cr - rr) <= WR) & (tl.abs(cc - rc) <= WC)
-            keep = keep | (near & video_col & (r < NV)).to(tl.int32)
-        keep_any = keep_any | tl.where(row_ok, keep, 0)
-    keep_any = tl.where(in_table, keep_any, 0)
-    tl.store(KEPT_ptr + b * k_b + h * k_h + qrow * k_r + cols, keep_any.to(tl.int8), mask=in_table)
-    if WRITE_LISTS:
-        pos = tl.cumsum(keep_any, axis=0) - 1
-        tl.store(IDX_ptr + b * i_b + h * i_h + qrow * i_r + pos, cols, mask=keep_any != 0)
-        tl.store(CNT_ptr + b * c_b + h * c_h + qrow, tl.sum(keep_any, axis=0))
+    r = pid * 2 + tl.arange(0, 2)
+    ca = tl.arange(0, MAIN)
+    cb = MAIN + tl.arange(0, TAIL)
+    keep_a = _fixed_keep(r, ca, NV, NB, WT, WR, WC, TR, TC, HAS_STA)
+    keep_b = _fixed_keep(r, cb, NV, NB, WT, WR, WC, TR, TC, HAS_STA)
+    if HAS_THR:
+        S_row = S_ptr + b * s_b + h * s_h
+        sa = _scores(S_row, s_r, r, ca, NV)
+        sb = _scores(S_row, s_r, r, cb, NV)
+        m = tl.maximum(tl.max(sa, axis=1), tl.max(sb, axis=1))
+        m = tl.where(m == float("-inf"), 0.0, m)  # text rows load nothing: no -inf - -inf
+        denom = (tl.sum(tl.where((ca < NV)[None, :], tl.exp(sa - m[:, None]), 0.0), axis=1)
+                 + tl.sum(tl.where((cb < NV)[None, :], tl.exp(sb - m[:, None]), 0.0), axis=1))
+        # Text rows load nothing (denom 0): divide by 1 there; video rows keep 0/0 = NaN semantics.
+        denom = tl.where((denom > 0) | (r < NV), denom, 1.0)
+        pa = _probs(sa, m, denom, ca, NV)
+        pb = _probs(sb, m, denom, cb, NV)
+        # A row with NaN/inf anywhere keeps every block (NaN must reach the output).
+        bad = (_n_bad(pa) + _n_bad(pb)) > 0
+        reached = (tl.sum(pa, axis=1) + tl.sum(pb, axis=1)) >= cut
+        ba = pa.to(tl.int32, bitcast=True)
+        bb = pb.to(tl.int32, bitcast=True)
+        lo = tl.full([2], -1, tl.int32)
+        hi = tl.full([2], 0x3F800000, tl.int32)
+        # Invariant: S(lo) < cut <= S(hi) (S(bits(1.0)) = total; rows where it is not are `reached` False).
+        for _ in range(31):
+            mid = (lo + hi) // 2
+            go_lo = (_sum_at_or_below(pa, ba, mid) + _sum_at_or_below(pb, bb, mid)) >= cut
+            hi = tl.where(go_lo, mid, hi)
+            lo = tl.where(go_lo, lo, mid)
+        keep_a = keep_a | _cut_keep(ba, hi, reached, bad, r, ca, NV)
+        keep_b = keep_b | _cut_keep(bb, hi, reached, bad, r, cb, NV)
+    KEPT_row = KEPT_ptr + b * k_b + h * k_h
+    IDX_row = IDX_ptr + b * i_b + h * i_h
+    CNT_row = CNT_ptr + b * c_b + h * c_h
+    row_ok = r < NB
+    if GROUP == 2:
+        orow = pid + tl.zeros([1], tl.int32)
+        ka = tl.max(tl.where(row_ok[:, None], keep_a, 0), axis=0, keep_dims=True)
+        kb = tl.max(tl.where(row_ok[:, None], keep_b, 0), axis=0, keep_dims=True)
+        _store_rows(KEPT_row, IDX_row, CNT_row, k_r, i_r, orow, orow >= 0, ka, kb, ca, cb, NB, WRITE_LISTS)
+    else:
+        _store_rows(KEPT_row, IDX_row, CNT_row, k_r, i_r, r, row_ok, keep_a, keep_b, ca, cb, NB, WRITE_LISTS)
+
+
+def row_segments(nb: int) -> tuple[int, int]:
+    """Power-of-two lane counts ``(main, tail)`` covering ``nb`` columns with little waste."""
+    main = 1 << (nb.bit_length() - 1)  # largest power of two <= nb
+    rest = nb - main
+    if rest == 0:
+        return (main // 2, main // 2) if main > 1 else (1, 1)
+    return main, triton.next_power_of_2(rest)
 
 
 @triton.jit
@@ -194,6 +261,40 @@ def compact_table(kept: torch.Tensor, row_group: int = 1, col_group: int = 1, *,
     return counts, idx
 
 
+@triton.jit
+def _scores_kernel(QA, KA, OUT, N, div, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """``OUT[bh] = (QA[bh] @ KA[bh]^T) / div`` for float32 ``[BH, N, D]`` block means, one tile a program."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM)
+    a = tl.load(QA + (bh * N + rm[:, None]) * HEAD_DIM + d[None, :], mask=(rm < N)[:, None], other=0.0)
+    bt = tl.load(KA + (bh * N + rn[:, None]) * HEAD_DIM + d[None, :], mask=(rn < N)[:, None], other=0.0)
+    s = tl.math.div_rn(tl.dot(a, tl.trans(bt), input_precision=PRECISION), div)
+    tl.store(OUT + (bh * N + rm[:, None]) * N + rn[None, :], s, mask=(rm < N)[:, None] & (rn < N)[None, :])
+
+
+def block_scores(qa: torch.Tensor, ka: torch.Tensor, precision: str = "tf32x3", *, block: int = 64,
+                 warps: int = 4) -> torch.Tensor:
+    """NABLA's block scores ``qa @ ka^T / sqrt(D)`` in float32, ``[B, H, N, N]`` from ``[B, H, N, D]`` means.
+
+    The product runs on tensor cores as three TF32 products (``tf32x3``: the operands split into a
+    TF32 head and remainder), whose error is that of a float32 product (the eager definition's
+    float32 matmul ran on the CUDA cores at a fraction of the speed); ``"ieee"`` computes it on the
+    CUDA cores. Shapes the kernel does not serve go to ``torch.matmul``.
+    """
+    B, H, N, D = qa.shape
+    div = math.sqrt(D)
+    if not (qa.is_contiguous() and ka.is_contiguous() and ka.shape == qa.shape and D in (16, 32, 64, 128, 256)):
+        return (qa @ ka.transpose(-1, -2)) / div
+    out = torch.empty(B, H, N, N, dtype=torch.float32, device=qa.device)
+    grid = (-(-N // block), -(-N // block), B * H)
+    _scores_kernel[grid](qa, ka, out, N, div, HEAD_DIM=D, BLOCK=block, PRECISION=precision, num_warps=warps)
+    return out
+
+
 def pool_blocks_lean(x: torch.Tensor, layout: TokenLayout, n: int) -> torch.Tensor:
     """Mean of the real tokens of the first ``n`` blocks, float32 ``[B, H, n, D]``.
 
@@ -211,7 +312,8 @@ def pool_blocks_lean(x: torch.Tensor, layout: TokenLayout, n: int) -> torch.Tens
     return sums / counts.view(1, 1, -1, 1)
 
 
-def pool_blocks_pair(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_blocks_pair(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, n: int, *,
+                     warps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pool_blocks_lean` of q and k in one pass (both loads in flight per program)."""
     if not (_poolable(q) and k.shape == q.shape and k.stride() == q.stride()):
         return pool_blocks_lean(q, layout, n), pool_blocks_lean(k, layout, n)
@@ -219,7 +321,7 @@ def pool_blocks_pair(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, n: i
     qa = torch.empty(B, H, n, D, dtype=torch.float32, device=q.device)
     ka = torch.empty_like(qa)
     _pool_kernel[(n, B * H)](q, k, qa, ka, block_counts_on(layout, q.device), q.stride(0), q.stride(1), q.stride(2),
-                             H, n, HEAD_DIM=D, TWO=True, num_warps=4)
+                             H, n, HEAD_DIM=D, TWO=True, num_warps=warps)
     return qa, ka
 
 
@@ -256,7 +358,7 @@ def build_nabla_mask_fast(
     with torch.no_grad():
         if threshold is not None:
             qa, ka = pool_blocks_pair(q, k, layout, nv)
-            scores = (qa @ ka.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            scores = block_scores(qa, ka)
             del qa, ka
             cut: float | None = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
         else:
@@ -278,7 +380,7 @@ def table_from_scores(
     query_block: int,
     *,
     write_lists: bool = False,
-    row_warps: int = 2,
+    row_warps: int | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The fused row kernel on precomputed block scores (``[B, H, Nv, Nv]`` float32, pre-softmax).
 
@@ -306,21 +408,21 @@ def table_from_scores(
         counts = idx = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev)
     wt, wr, wc = ((w // 2 for w in sta_window) if sta_window is not None else (0, 0, 0))
     _, tr, tc = layout.grid.block_grid
-    block = triton.next_power_of_2(nb)
-    _nabla_rows_kernel[(nq, B * H)](
+    main, tail = row_segments(nb)
+    _nabla_rows_kernel[(-(-nb // 2), B * H)](
         scores, kept.view(torch.uint8), counts, idx,
         scores.stride(0), scores.stride(1), scores.stride(2),
         kept.stride(0), kept.stride(1), kept.stride(2),
         counts.stride(0), counts.stride(1),
         idx.stride(0), idx.stride(1), idx.stride(2),
-        H, nv, nb, nq, cut_value, wt, wr, wc, tr, tc,
+        H, nv, nb, cut_value, wt, wr, wc, tr, tc,
         HAS_THR=cut is not None, HAS_STA=sta_window is not None, GROUP=group,
-        # One or two warps per row: the 31 bisection sums are latency-bound cross-warp reductions,
-        # so fewer warps per row and more rows per SM win (H200, Wan 14B 720p: 0.80 ms with 2
-        # warps vs 1.23 ms with 8). Slower still, measured: 4-16 pivots per step in one 2-D sum
-        # (1.25-2.3 ms), and stopping once (lo, hi] holds one value (a sum + count reduction per
-        # step in a while loop: 1.01 ms).
-        WRITE_LISTS=write_lists, BLOCK=block, num_warps=row_warps,
+        # The bisection is bound by instruction issue: ~NB lanes per row (not the next power of
+        # two) and two rows per program; H200, Wan 14B 720p: 0.40 ms (128-token rows, 1 warp) and
+        # 0.51 ms (64-token rows, 2 warps) against 0.84-0.85 ms for one 2,048-lane row per
+        # program. Slower, measured: 8 warps per row, 4-16 pivots per step in one 2-D sum
+        # (1.25-2.3 ms), stopping once (lo, hi] holds one value (1.01 ms).
+        WRITE_LISTS=write_lists, MAIN=main, TAIL=tail, num_warps=row_warps or (1 if group == 2 else 2),
     )
     return kept, ((counts, idx) if write_lists else None)
 
