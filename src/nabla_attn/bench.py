@@ -237,8 +237,8 @@ def _triton_variants() -> int:
     from .kernels import attention as ka, mask_build as mb
 
     n = 0
-    for fn in (ka._attn_fwd, ka._attn_bwd_dq, ka._attn_bwd_dkdv, ka._attn_bwd_delta, mb._nabla_rows_kernel,
-               mb._compact_kernel):
+    for fn in (ka._attn_fwd, ka._attn_bwd_dq, ka._attn_bwd_dkdv, mb._nabla_rows_kernel, mb._compact_kernel,
+               mb._pool_kernel, mb._scores_kernel):
         caches = getattr(fn, "device_caches", None)
         if caches:
             n += sum(len(c[0]) for c in caches.values())

@@ -214,28 +214,29 @@ class _BlockSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None]:  # type: ignore[override]
-        from ..kernels.attention import _attn_bwd_delta, _attn_bwd_dkdv, _attn_bwd_dq
+        from ..kernels.attention import _attn_bwd_dkdv, _attn_bwd_dq
 
         q, k, v, o, lse = ctx.saved_tensors
         mask, scale, cfg = ctx.mask, ctx.scale, ctx.cfg
         B, H, S, D = q.shape
         do = do.contiguous()
+        list_shift = 0
         if cfg.bwd_tile_m == BLOCK_TOKENS:
+            if mask.query_block == 128:
+                # dQ on 64-row tiles reads the 128-row table's own kv lists (tile i: row i // 2).
+                cnt, idx = _kv_lists(mask, 128, False)
+                list_shift = 1
             mask = _as_64_rows(mask)
             cfg = replace(cfg, tile_m_for_64=BLOCK_TOKENS)
         tile_m, submask = _plan(mask, cfg)
-        cnt, idx = _kv_lists(mask, tile_m, submask)
+        if not list_shift:
+            cnt, idx = _kv_lists(mask, tile_m, submask)
         qcnt, qidx = _q_lists(mask, tile_m, submask)
         sub = mask.kept.view(torch.uint8)
         bcnt = block_counts_on(mask.layout, q.device)
+        # Written by the dQ kernel, read by the dK/dV kernel.
         delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-        _attn_bwd_delta[(-(-S // 128), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, S, BLOCK_M=128, HEAD_DIM=D, num_warps=8,
-        )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common = (
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        )
         warps_m = 8 if tile_m == 128 else 4
         pad = _padded(mask, cfg)
         tma = cfg.bwd_tma and _has_tma(q)
@@ -244,14 +245,16 @@ class _BlockSparseAttention(torch.autograd.Function):
         q_tma = tma and tile_m == BLOCK_TOKENS
         qq, dd = (_descriptor(q, tile_m), _descriptor(do, tile_m)) if q_tma else (q, do)
         _attn_bwd_dq[(-(-S // tile_m), B * H)](
-            q, kk, vv, do, dq, lse, delta, cnt, idx, bcnt, sub, *common,
+            q, kk, vv, o, do, dq, lse, delta, cnt, idx, bcnt, sub,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
             *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
             H, S, mask.kept.shape[2], scale * _LOG2E, scale,
             BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad, TMA=tma,
-            num_warps=min(cfg.dq_warps, warps_m), num_stages=cfg.dq_stages,
+            LIST_SHIFT=list_shift, num_warps=min(cfg.dq_warps, warps_m), num_stages=cfg.dq_stages,
         )
         _attn_bwd_dkdv[(S // BLOCK_TOKENS, B * H)](
-            qq, k, v, dd, dk, dv, lse, delta, qcnt, qidx, bcnt, sub, *common,
+            qq, k, v, dd, dk, dv, lse, delta, qcnt, qidx, bcnt, sub,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_bh_strides(qcnt), *_bh_strides(qidx), qidx.stride(2), *_bh_strides(sub), sub.stride(2),
             H, S, mask.kept.shape[2], scale * _LOG2E, scale,
             BLOCK_M=tile_m, HEAD_DIM=D, SUBMASK=submask, IEEE=q.dtype == torch.float32, PAD=pad, TMA=q_tma,

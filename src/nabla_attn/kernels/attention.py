@@ -21,8 +21,8 @@ Softmax runs in base 2: the running max and the saved log-sum-exp are in units o
 (``FOLD``). A query row with no kept key gets output 0 and log-sum-exp ``+inf``, so its backward
 terms are exactly 0.
 
-Backward: ``delta = rowsum(dO * O)`` (own kernel, no float32 copies), dQ over the kv lists, and
-dK/dV over the transposed (q-side) lists, one program per 64-key block, so no atomics are needed;
+Backward: dQ over the kv lists (the same program computes ``delta = rowsum(dO * O)`` of its rows),
+then dK/dV over the transposed (q-side) lists, one program per 64-key block, so no atomics are needed;
 on Hopper both load their listed tiles by tensor descriptors (``TMA``).
 
 Measurements behind each choice: ``docs/kernel-notes.md``.
@@ -233,30 +233,17 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, so_b, so_h, so_s, sd_b, sd_h, sd_s, H, S,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < S
-    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=ok[:, None], other=0.0)
-    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :], mask=ok[:, None], other=0.0)
-    tl.store(DELTA + bh * S + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
-
-
-@triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB,
-    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sd_b, sd_h, sd_s,
+    Q, K, V, O, DO, DQ, LSE, DELTA, CNT, IDX, BCNT, SUB,
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s, sd_b, sd_h, sd_s,
     c_b, c_h, i_b, i_h, i_r, u_b, u_h, u_r,
     H, S, NQ64, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, SUBMASK: tl.constexpr, IEEE: tl.constexpr,
-    PAD: tl.constexpr, TMA: tl.constexpr,
+    PAD: tl.constexpr, TMA: tl.constexpr, LIST_SHIFT: tl.constexpr,
 ):
-    """dQ over the kv lists. ``TMA``: K and V are tensor descriptors, as in :func:`_attn_fwd`."""
+    """dQ over the kv lists, and ``delta = rowsum(dO * O)`` of the tile for the dK/dV kernel that
+    runs next (dO is loaded here anyway). ``TMA``: K and V are tensor descriptors, as in
+    :func:`_attn_fwd`. ``LIST_SHIFT`` 1: the lists are a 128-row table's, tile ``i`` reads row ``i // 2``."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -268,9 +255,12 @@ def _attn_bwd_dq(
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * S + offs_m, mask=row_ok, other=0.0)
-    cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
-    idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * S + offs_m, delta, mask=row_ok)
+    list_row = pid_m >> LIST_SHIFT
+    cnt = tl.load(CNT + b * c_b + h * c_h + list_row)
+    idx_row = IDX + b * i_b + h * i_h + list_row * i_r
     k_off = b * sk_b + h * sk_h
     v_off = b * sv_b + h * sv_h
     sub0 = SUB + b * u_b + h * u_h + (2 * pid_m) * u_r
