@@ -160,7 +160,7 @@ def mask_lab(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, density: flo
             mrow["rows"][f"old_q{qb}"] = {"ms": time_ms(f, budget_ms=200)}
         for warps in (1, 2, 4):
             f = lambda: table_from_scores(scores, layout, cut, None, qb, write_lists=True, row_warps=warps)  # noqa: E731
-            got, lists = f()
+            got, _ = f()
             r: dict[str, Any] = {"ms": time_ms(f, budget_ms=200)}
             if base is not None:
                 r["entries_differ_vs_old"] = int((got != base).sum())
