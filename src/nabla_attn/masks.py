@@ -213,6 +213,18 @@ def _fast_builder() -> "Callable[..., BlockSparseMask] | None":
     return build_nabla_mask_fast
 
 
+def check_mask_args(
+    threshold: float | None, sta_window: Sequence[int] | None, query_block: int
+) -> tuple[int, int, int] | None:
+    """Validate a mask request (every builder's arguments); returns the STA window as a tuple."""
+    check_threshold(threshold)
+    win = check_sta_window(sta_window)
+    _check_query_block(query_block)
+    if threshold is None and win is None:
+        raise ValueError("nabla_mask needs a threshold, an sta_window, or both")
+    return win
+
+
 def nabla_mask_tiled(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -223,11 +235,7 @@ def nabla_mask_tiled(
     query_block: int = 64,
 ) -> BlockSparseMask:
     """:func:`nabla_mask` on q, k already in tiled layout (``[B, H, layout.tiled_len, D]``)."""
-    check_threshold(threshold)
-    win = check_sta_window(sta_window)
-    _check_query_block(query_block)
-    if threshold is None and win is None:
-        raise ValueError("nabla_mask needs a threshold, an sta_window, or both")
+    win = check_mask_args(threshold, sta_window, query_block)
     # --- fast path (issue 3): on CUDA the fused Triton builder computes this same table. ---
     if q.is_cuda and (fast := _fast_builder()) is not None:
         return fast(q, k, layout, threshold, win, query_block=query_block)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,12 @@ log = logging.getLogger("nabla_attn.diffusers")
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+def _qkv(x: torch.Tensor, heads: int, to_q: Any, to_k: Any, to_v: Any, norm_q: Any, norm_k: Any) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``[B, H, S, D]`` of one stream (video or text) with its projections and optional norms."""
+    q, k, v = _heads(to_q(x), heads), _heads(to_k(x), heads), _heads(to_v(x), heads)
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
 
 
 class HunyuanVideoNablaProcessor(NablaProcessorBase):
@@ -38,25 +45,14 @@ class HunyuanVideoNablaProcessor(NablaProcessorBase):
         single_stream = attn.add_q_proj is None
         if single_stream and text:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _qkv(hidden_states, attn.heads, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         if image_rotary_emb is not None:
             n_video = query.shape[2] - (text if single_stream else 0)
             query = torch.cat([apply_rotary_emb(query[:, :, :n_video], image_rotary_emb), query[:, :, n_video:]], dim=2)
             key = torch.cat([apply_rotary_emb(key[:, :, :n_video], image_rotary_emb), key[:, :, n_video:]], dim=2)
         if not single_stream and text:
-            eq = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
-            ek = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-            ev = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = _qkv(encoder_hidden_states, attn.heads, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                              attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)

@@ -259,7 +259,6 @@ def _tables_from_means(
     threshold: float,
     window: tuple[int, int, int] | None,
     query_block: int,
-    head_dim: int,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """NABLA's block table from block means, the same steps as :func:`nabla_attn.nabla_mask_tiled`.
 
@@ -268,9 +267,9 @@ def _tables_from_means(
     rule, and it also returns the kv lists the kernel writes; on CPU, or if that kernel cannot run,
     the eager definition (lists None).
     """
-    scores = _scores_fast(qa, ka) if qa.is_cuda and head_dim == qa.shape[-1] else None
+    scores = _scores_fast(qa, ka) if qa.is_cuda else None
     if scores is None:
-        scores = qa @ ka.transpose(-1, -2) / math.sqrt(head_dim)
+        scores = qa @ ka.transpose(-1, -2) / math.sqrt(qa.shape[-1])
     if scores.is_cuda:
         fast = _tables_fast(scores, layout, threshold, window, query_block)
         if fast is not None:
@@ -306,13 +305,12 @@ def _tables_fast(
     if _fast_failed:
         return None
     try:
-        from ..kernels.mask_build import table_from_scores
+        from ..kernels.mask_build import float32_cut, table_from_scores
     except Exception as exc:  # Triton or the kernel module missing: eager path
         _fast_failed.append(repr(exc))
         return None
     try:
-        # The cut as the fused builder computes it (1 - threshold rounded to float32).
-        cut = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
+        cut = float32_cut(threshold)  # the cut exactly as the single-GPU builder rounds it
         kept, lists = table_from_scores(scores, layout, cut, window, query_block, write_lists=True)
         return kept, lists
     except Exception as exc:  # an API change in the kernel module must not break the op
@@ -477,7 +475,7 @@ def ulysses_nabla_attention(
             means = _block_means(q, k, layout, offset, n_r, group)
             if balance:
                 plain = contiguous_heads(H, P)
-                kept_run, lists = _tables_from_means(means[0][:, plain[rank]], means[1][:, plain[rank]], layout, threshold, window, query_block, D)
+                kept_run, lists = _tables_from_means(means[0][:, plain[rank]], means[1][:, plain[rank]], layout, threshold, window, query_block)
                 # Costs first (H integers): the tables move only if balancing is worth its copies.
                 head_costs = _all_gather_costs(kept_run, counts, group)
                 assignment = _pick_assignment(head_costs, P, balance_min_gain)
@@ -489,7 +487,7 @@ def ulysses_nabla_attention(
             else:
                 assignment = contiguous_heads(H, P)
                 local = assignment[rank]
-                kept_local, lists = _tables_from_means(means[0][:, local], means[1][:, local], layout, threshold, window, query_block, D)
+                kept_local, lists = _tables_from_means(means[0][:, local], means[1][:, local], layout, threshold, window, query_block)
     local_heads = assignment[rank]
     local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
     if lists is not None:  # kv lists written by the fused kernel for exactly these rows (the Triton backend reads them)

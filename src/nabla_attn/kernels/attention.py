@@ -143,6 +143,15 @@ def _rows(X, x_off, s_s, rows, offs_d, n_rows, desc_row, BOUNDED: tl.constexpr, 
 
 
 @triton.jit
+def _query_tile(H, S, BLOCK_M: tl.constexpr):
+    """A query-tile program's indices: tile, batch*head, batch, head, its token rows, which are real."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_m, bh, bh // H, bh % H, offs_m, offs_m < S
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, CNT, IDX, BCNT, SUB,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
@@ -159,15 +168,10 @@ def _attn_fwd(
     ``FOLD``: the softmax scale is positive and folds into exp2. ``PREFETCH``: the next key tile's
     scores are issued before this tile's softmax (software-pipelined Q.K^T). ``PAIR``: two listed
     blocks per step (pointer loads only)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, offs_m, row_ok = _query_tile(H, S, BLOCK_M)
     offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < S
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _rows(Q, b * sq_b + h * sq_h, sq_s, offs_m, offs_d, S, 0, True, False)
     cnt = tl.load(CNT + b * c_b + h * c_h + pid_m)
     idx_row = IDX + b * i_b + h * i_h + pid_m * i_r
     k_off = b * sk_b + h * sk_h
@@ -244,18 +248,13 @@ def _attn_bwd_dq(
     """dQ over the kv lists, and ``delta = rowsum(dO * O)`` of the tile for the dK/dV kernel that
     runs next (dO is loaded here anyway). ``TMA``: K and V are tensor descriptors, as in
     :func:`_attn_fwd`. ``LIST_SHIFT`` 1: the lists are a 128-row table's, tile ``i`` reads row ``i // 2``."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, bh, b, h, offs_m, row_ok = _query_tile(H, S, BLOCK_M)
     offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < S
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sd_b + h * sd_h + offs_m[:, None] * sd_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _rows(Q, b * sq_b + h * sq_h, sq_s, offs_m, offs_d, S, 0, True, False)
+    do = _rows(DO, b * sd_b + h * sd_h, sd_s, offs_m, offs_d, S, 0, True, False)
     lse = tl.load(LSE + bh * S + offs_m, mask=row_ok, other=float("inf"))
-    o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    o = _rows(O, b * so_b + h * so_h, so_s, offs_m, offs_d, S, 0, True, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * S + offs_m, delta, mask=row_ok)
     list_row = pid_m >> LIST_SHIFT

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..grid import BLOCK_TOKENS, TokenLayout, block_counts_on
-from ..masks import BlockSparseMask, check_sta_window, check_threshold
+from ..masks import BlockSparseMask, check_mask_args
 
 
 
@@ -347,12 +347,7 @@ def build_nabla_mask_fast(
     ``write_lists`` the kv lists (``mask.kv_lists()``) are written by the same kernel and cached on
     the mask, so no separate compaction pass runs.
     """
-    check_threshold(threshold)
-    win = check_sta_window(sta_window)
-    if query_block not in (64, 128):
-        raise ValueError(f"query_block must be 64 or 128, got {query_block!r}")
-    if threshold is None and win is None:
-        raise ValueError("nabla_mask needs a threshold, an sta_window, or both")
+    win = check_mask_args(threshold, sta_window, query_block)
     if q.shape[-2] != layout.tiled_len or k.shape != q.shape:
         raise ValueError(f"q, k must be tiled [B, H, {layout.tiled_len}, D], got {tuple(q.shape)}, {tuple(k.shape)}")
     nv = layout.num_video_blocks
@@ -362,7 +357,7 @@ def build_nabla_mask_fast(
             qa, ka = pool_blocks_pair(q, k, layout, nv)
             scores = block_scores(qa, ka)
             del qa, ka
-            cut: float | None = float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
+            cut: float | None = float32_cut(threshold)
         else:
             scores = torch.empty(1, 1, 1, 1, device=dev, dtype=torch.float32)
             cut = None
@@ -372,6 +367,11 @@ def build_nabla_mask_fast(
     if lists is not None:
         mask._cache["kv"] = lists
     return mask
+
+
+def float32_cut(threshold: float) -> float:
+    """The row kernel's cut ``1 - threshold``, rounded to float32 as the kernel compares it."""
+    return float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
 
 
 def table_from_scores(
