@@ -49,6 +49,13 @@ FWD_VARIANTS = {
     "lazy_w8": replace(D0, lazy_rescale=True, fwd_warps=8),
     "pad_branch": replace(D0, pad_branch=True),
     "lazy_pad_branch": replace(D0, lazy_rescale=True, pad_branch=True),
+    # Warp-specialised Gluon forward (128-row tables; 64-row tables run the Triton kernel).
+    "ws": replace(D0, warp_specialized=True),
+    "ws_s2": replace(D0, warp_specialized=True, ws_stages=2),
+    "ws_s4": replace(D0, warp_specialized=True, ws_stages=4),
+    "ws_s5": replace(D0, warp_specialized=True, ws_stages=5),
+    "ws_pair_s2": replace(D0, warp_specialized=True, ws_pair=True, ws_stages=2),
+    "ws_pair_s3": replace(D0, warp_specialized=True, ws_pair=True, ws_stages=3),
 }
 
 

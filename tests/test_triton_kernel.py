@@ -181,3 +181,64 @@ def test_rejects_mismatched_mask() -> None:
     q, k, v = _inputs(1, 3, 16, seed=14)
     with pytest.raises(ValueError, match="batch x heads"):
         triton_attention(q, k, v, _random_mask(1, 2, 64, seed=6), 0.25)
+
+
+def _on_hopper() -> bool:
+    return DEVICE != "cpu" and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _on_hopper(), reason="the warp-specialised Gluon kernel runs on sm_90 GPUs only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("grid,text", [((3, 13, 22), 7), ((3, 8, 16), 0), ((5, 9, 15), 0)])
+@pytest.mark.parametrize("pair", [False, True])
+def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, int, int], text: int,
+                                  pair: bool) -> None:
+    """The Gluon forward against float64 (flash-attention rule) and, through its log-sum-exp, the
+    backward. Grids: 19 blocks (the last 128-row tile has a half past the end) with padding and a
+    text block; whole 8x8 tiles (no per-score mask); padded and even. ``pair``: 128-key steps
+    (odd lists end on a half step)."""
+    from nabla_attn.backends.triton_kernel import KernelConfig, _warp_specialized, triton_attention
+
+    layout = TokenLayout(VideoGrid(*grid), text)
+    B, H, scale = 2, 3, 1 / math.sqrt(D)
+    g = torch.Generator().manual_seed(D + text)
+    q, k, v = (tile(torch.randn(B, H, layout.seq_len, D, generator=g), layout).to(DEVICE, dtype) for _ in range(3))
+    nq = -(-layout.num_blocks // 2)
+    kept = torch.rand(B, H, nq, layout.num_blocks, generator=g) < 0.4
+    kept[0, 0, 1] = False  # an empty row: output exactly 0
+    kept[1, 2, 0] = True  # a full row
+    kept[0, 1, :, 0] = False  # long lists and a row keeping only its last block
+    kept[0, 1, 0, :-1] = False
+    kept[0, 1, 0, -1] = True
+    mask = BlockSparseMask(kept.to(DEVICE), layout, 128)
+    ws = KernelConfig(warp_specialized=True, ws_pair=pair, ws_stages=2 if pair else 4)
+    assert _warp_specialized(q, mask, scale, ws)
+
+    grads = {}
+    for name, cfg in (("ws", ws), ("triton", KernelConfig())):
+        a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
+        out = triton_attention(a, b, c, mask, scale, cfg)
+        out.backward(torch.ones_like(out))
+        grads[name] = (out.detach(), a.grad, b.grad, c.grad)
+    a64, b64, c64 = (x.double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(a64, b64, c64, mask, scale)
+    ref.backward(torch.ones_like(ref))
+
+    valid = layout.valid_tokens(DEVICE)
+    kept_tok = mask.kept.repeat_interleave(128, 2)[:, :, : layout.tiled_len].repeat_interleave(64, 3) & valid
+    has = kept_tok.any(-1, keepdim=True)
+    s = (q @ k.transpose(-1, -2)) * scale  # PyTorch's own low-precision scores
+    p = torch.softmax(s.float().masked_fill(~kept_tok, float("-inf")), -1).nan_to_num(0.0).to(dtype)
+    torch_lowp = torch.where(has, p @ v, torch.zeros_like(v))
+    out = grads["ws"][0]
+    err = (out.double() - ref)[..., valid, :].abs().max()
+    err_torch = (torch_lowp.double() - ref)[..., valid, :].abs().max()
+    assert torch.isfinite(out).all()
+    assert err <= 2 * err_torch, (float(err), float(err_torch))
+    assert out[0, 0, 128:256].abs().max() == 0
+    # The backward reads the forward's output and log-sum-exp: the gradients must be as good as
+    # those from the Triton forward.
+    for i, want in ((1, a64.grad), (2, b64.grad), (3, c64.grad)):
+        e_ws, e_tr = ((grads[n][i].double() - want)[..., valid, :].norm() / want[..., valid, :].norm() for n in grads)
+        assert e_ws <= 1.5 * e_tr + 1e-3, (i, float(e_ws), float(e_tr))

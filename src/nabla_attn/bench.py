@@ -236,8 +236,15 @@ def _triton_variants() -> int:
     """Compiled specialisations of our kernels so far (grows only on a recompile)."""
     from .kernels import attention as ka, mask_build as mb
 
+    fns = []
+    try:
+        from .kernels import attention_ws as kws
+
+        fns.append(kws._attn_fwd_ws)
+    except ImportError:  # a Triton without Gluon
+        pass
     n = 0
-    for fn in (ka._attn_fwd, ka._attn_bwd_dq, ka._attn_bwd_dkdv, mb._nabla_rows_kernel, mb._compact_kernel,
+    for fn in (*fns, ka._attn_fwd, ka._attn_bwd_dq, ka._attn_bwd_dkdv, mb._nabla_rows_kernel, mb._compact_kernel,
                mb._pool_kernel, mb._scores_kernel):
         caches = getattr(fn, "device_caches", None)
         if caches:
@@ -313,8 +320,11 @@ def sweep_variants(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, layout:
     _, m = threshold_for_density(qt, kt, layout, 0.1, 128)
     _, m64 = threshold_for_density(qt, kt, layout, 0.1, 64)
     D0 = _env_config()
-    fwd_cfgs = [D0, replace(D0, tma=False), replace(D0, prefetch=True), replace(D0, fwd_warps=8, fwd_stages=3),
-                replace(D0, pair=True, fwd_warps=8, fwd_stages=3)]
+    # 128-row tables run the warp-specialised kernel by default; the Triton kernel's own options
+    # are swept with it switched off.
+    tk = replace(D0, warp_specialized=False)
+    fwd_cfgs = [D0, tk, replace(tk, tma=False), replace(tk, prefetch=True), replace(D0, ws_pair=False, ws_stages=4),
+                replace(D0, ws_stages=2)]
     bwd_cfgs = [D0, replace(D0, bwd_tma=False), replace(D0, bwd_tile_m=128, dq_warps=8, dkdv_warps=8),
                 replace(D0, dq_stages=3, dkdv_stages=3), replace(D0, dq_stages=1, dkdv_stages=1)]
     rows: list[dict[str, Any]] = []
@@ -373,10 +383,12 @@ def _check_kernels(device: torch.device, dtype: torch.dtype, head_dim: int) -> l
     q, k, v = (torch.randn(B, H, layout.tiled_len, D, device=device, dtype=dtype) for _ in range(3))
     valid = layout.valid_tokens(device)
     out = []
-    for qb, cfg in ((128, KernelConfig(tma=False)), (128, KernelConfig(pair=True)),
+    tk = KernelConfig(warp_specialized=False)  # the Triton forward for 128-row tables too
+    for qb, cfg in ((128, replace(tk, tma=False)), (128, replace(tk, pair=True)), (128, tk),
                     (64, KernelConfig(tma=False)), (64, KernelConfig(tile_m_for_64=128)),
                     (64, KernelConfig(tile_m_for_64=128, pair=True)), (128, KernelConfig()), (64, KernelConfig()),
-                    (64, KernelConfig(lazy_rescale=True)), (128, KernelConfig(lazy_rescale=True)),
+                    (128, KernelConfig(ws_pair=False, ws_stages=4)),
+                    (64, KernelConfig(lazy_rescale=True)), (128, replace(tk, lazy_rescale=True)),
                     (64, KernelConfig(pad_branch=True)), (64, KernelConfig(prefetch=True))):
         mask = fast_mask(q, k, layout, 0.6, qb)
         a, b, c = (x.clone().requires_grad_() for x in (q, k, v))

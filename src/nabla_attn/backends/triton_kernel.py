@@ -46,6 +46,11 @@ class KernelConfig:
       (TMA kernel).
     - ``lazy_rescale``: rescale the accumulator only when a row max grows by more than 2^8.
     - ``fwd_warps`` / ``fwd_stages``: for 128-row tiles (64-row tiles always use 4 warps).
+    - ``warp_specialized``: on Hopper (sm_90), run the forward of 128-row tables in float16 or
+      bfloat16 with a positive scale by the warp-specialised Gluon kernel
+      (``kernels/attention_ws.py``; same output, same log-sum-exp); other cases and cards run the
+      Triton kernel. ``ws_stages``: its ring of K/V shared-memory slots; ``ws_pair``: two listed
+      key blocks per step (128 keys).
 
     Backward:
     - ``bwd_tile_m``: query tile of the backward kernels; 64 runs a 128-row table as its 64-row
@@ -61,6 +66,8 @@ class KernelConfig:
     # 10%: TMA loads once the scale fold and the skipped validity mask shortened the softmax (18.1
     # vs 21.1 ms with 128-row tables, 21.4 vs 22.9 ms with 64-row tables); the padded-block branch
     # at 21x45x80 (27.6 vs 31.3 ms, 31.6 vs 32.6 ms); TMA in the backward (fwd+bwd 74.9 vs 77.1 ms).
+    # The warp-specialised Gluon forward with 128-key steps and 3 slots (H200, same run): 15.6 vs
+    # 18.3 ms at 21x40x80 and 22.4 vs 27.5 ms at 21x45x80 (1 slot more does not fit at head_dim 128).
     tile_m_for_64: int = 64
     pair: bool = False
     tma: bool = True
@@ -73,6 +80,9 @@ class KernelConfig:
     bwd_tma: bool = True
     fwd_warps: int = 4
     fwd_stages: int = 2
+    warp_specialized: bool = True
+    ws_stages: int = 3
+    ws_pair: bool = True
     dq_warps: int = 8
     dq_stages: int = 2
     dkdv_warps: int = 8
@@ -162,6 +172,47 @@ def _as_64_rows(mask: BlockSparseMask) -> BlockSparseMask:
     return mask._cache["as64"]
 
 
+def _warp_specialized(q: torch.Tensor, mask: BlockSparseMask, scale: float, cfg: KernelConfig) -> bool:
+    """Whether the Gluon kernel runs this forward (see ``KernelConfig.warp_specialized``)."""
+    if not (cfg.warp_specialized and q.is_cuda and mask.query_block == 128 and scale > 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    # wgmma, the instruction the kernel is written in, exists on sm_90 only.
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ws_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                cnt: torch.Tensor, idx: torch.Tensor, bcnt: torch.Tensor, pad: bool, scale: float,
+                cfg: KernelConfig) -> None:
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ..kernels.attention_ws import _attn_fwd_ws
+
+    B, H, S, D = q.shape
+    smem = (2 + 2 * cfg.ws_stages * (2 if cfg.ws_pair else 1)) * BLOCK_TOKENS * D * q.element_size()
+    if smem > 227 * 1024:
+        raise ValueError(f"ws_stages={cfg.ws_stages} with ws_pair={cfg.ws_pair} needs {smem // 1024} KiB of shared "
+                         f"memory at head_dim {D}; Hopper has 227 KiB")
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_TOKENS, D], gl.bfloat16 if q.dtype == torch.bfloat16
+                                                  else gl.float16)
+    qd, kd, vd = (TensorDescriptor.from_tensor(x.view(B * H * S, D), [BLOCK_TOKENS, D], layout) for x in (q, k, v))
+    _attn_fwd_ws[(-(-S // 128), B * H)](
+        qd, kd, vd, o, lse, cnt, idx, bcnt, *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2),
+        H, S, scale * _LOG2E, HEAD_DIM=D, NUM_STAGES=cfg.ws_stages, PAD=pad, PAIR=cfg.ws_pair,
+        # 3 warpgroups (two 4-warp consumers, a 1-warp producer) at 168 registers; setmaxnreg then
+        # moves them to 240 per consumer thread and 24 for the producer.
+        num_warps=4, maxnreg=168,
+    )
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -197,17 +248,20 @@ class _BlockSparseAttention(torch.autograd.Function):
             raise RuntimeError(f"kv lists have {cnt.shape[2]} rows, the kernel needs {n_tiles} tiles of {tile_m}")
         fold = cfg.fold and scale > 0
         tma = cfg.tma and not cfg.pair and _has_tma(q)
-        kk, vv = (_descriptor(k, BLOCK_TOKENS), _descriptor(v, BLOCK_TOKENS)) if tma else (k, v)
-        _attn_fwd[(n_tiles, B * H)](
-            q, kk, vv, o, lse, cnt, idx, bcnt, sub,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
-            H, S, mask.kept.shape[2], scale * _LOG2E,
-            BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=q.dtype == torch.float32,
-            PAD=_padded(mask, cfg), FOLD=fold, PREFETCH=cfg.prefetch and not cfg.pair,
-            PAD_BRANCH=cfg.pad_branch and tma, LAZY=cfg.lazy_rescale and fold, TMA=tma,
-            num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
-        )
+        if _warp_specialized(q, mask, scale, cfg):
+            _ws_forward(q, k, v, o, lse, cnt, idx, bcnt, _padded(mask, cfg), scale, cfg)
+        else:
+            kk, vv = (_descriptor(k, BLOCK_TOKENS), _descriptor(v, BLOCK_TOKENS)) if tma else (k, v)
+            _attn_fwd[(n_tiles, B * H)](
+                q, kk, vv, o, lse, cnt, idx, bcnt, sub,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                *_bh_strides(cnt), *_bh_strides(idx), idx.stride(2), *_bh_strides(sub), sub.stride(2),
+                H, S, mask.kept.shape[2], scale * _LOG2E,
+                BLOCK_M=tile_m, HEAD_DIM=D, PAIR=cfg.pair, SUBMASK=submask, IEEE=q.dtype == torch.float32,
+                PAD=_padded(mask, cfg), FOLD=fold, PREFETCH=cfg.prefetch and not cfg.pair,
+                PAD_BRANCH=cfg.pad_branch and tma, LAZY=cfg.lazy_rescale and fold, TMA=tma,
+                num_warps=cfg.fwd_warps if tile_m == 128 else 4, num_stages=cfg.fwd_stages,
+            )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.mask, ctx.scale, ctx.cfg = mask, scale, cfg
         return o

@@ -1,0 +1,229 @@
+"""Warp-specialised block-sparse attention forward for Hopper, written in Gluon.
+
+Same contract as :func:`nabla_attn.kernels.attention._attn_fwd` for 128-row query tables (one list
+of kept 64-token key blocks per 128-row query tile; tiled ``[B*H*S, D]`` tensors): writes ``O`` and
+the base-2 log-sum-exp, and a row with no kept key gets output 0 and log-sum-exp ``+inf``.
+
+Why a second kernel: the Triton kernel runs the softmax and the tensor-core products of one tile in
+one instruction stream, so each waits for the other (docs/kernel-notes.md, v9-v20). Here one CTA
+holds three partitions, as in FlashAttention-3:
+- a 1-warp producer issues the TMA copies of Q and of each listed K and V block into a ring of
+  ``NUM_STAGES`` shared-memory slots, and refills a slot once both consumers released it;
+- two 4-warp consumers each own 64 of the tile's 128 query rows. Each issues the next block's
+  ``Q.K^T`` asynchronously before this block's ``P.V`` and runs the softmax while both products are
+  in flight, so the tensor cores and the FMA/exp units work at the same time. The two consumers
+  share every K/V copy.
+Registers are rebalanced per partition (``setmaxnreg``): 240 per consumer thread, 24 for the
+producer.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+ROWS = gl.constexpr(64)  # query rows per consumer, and tokens per key block
+
+
+@gluon.jit
+def _step_counts(IDX_row, BCNT, step, cnt, PAD: gl.constexpr, PAIR: gl.constexpr):
+    """Real tokens in the key block(s) of one step: ``(n0, n1)`` for list entries ``2*step`` and
+    ``2*step + 1`` with ``PAIR`` (``n1`` = 0 past the list's end), else ``(n0, 64)`` for entry
+    ``step``. Without ``PAD`` every block is whole (64)."""
+    if PAIR:
+        j0 = 2 * step
+        has2 = j0 + 1 < cnt
+        if PAD:
+            n0 = gl.load(BCNT + gl.load(IDX_row + j0))
+            n1 = gl.load(BCNT + gl.load(IDX_row + gl.minimum(j0 + 1, cnt - 1)))
+        else:
+            n0 = ROWS + 0 * cnt
+            n1 = ROWS + 0 * cnt
+        n1 = gl.where(has2, n1, 0)
+    else:
+        if PAD:
+            n0 = gl.load(BCNT + gl.load(IDX_row + step))
+        else:
+            n0 = ROWS + 0 * cnt
+        n1 = ROWS + 0 * cnt
+    return n0, n1
+
+
+@gluon.jit
+def _masked_scores(s, n0, n1, PAD: gl.constexpr, PAIR: gl.constexpr, col_layout: gl.constexpr):
+    """Scores against a step's key block(s) with their padding slots (and a missing second block)
+    at ``-inf``. The branch is uniform: only edge blocks and a list's odd last step take it."""
+    if PAIR:
+        if (n0 < ROWS) | (n1 < ROWS):
+            cols = gl.arange(0, 2 * ROWS, layout=col_layout)
+            ok = gl.where(cols < ROWS, cols < n0, cols - ROWS < n1)
+            s = gl.where(gl.expand_dims(ok, 0), s, float("-inf"))
+    elif PAD:
+        if n0 < ROWS:
+            cols = gl.arange(0, ROWS, layout=col_layout)
+            s = gl.where(gl.expand_dims(cols < n0, 0), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, qk_scale):
+    """Online-softmax update in base 2 (``qk_scale`` = scale * log2 e > 0, folded into exp2)."""
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    # Rows that have seen no valid key keep m = -inf; subtract 0 there (no inf - inf).
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return m_new, l_i, p, alpha
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+              O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+              PAIR: gl.constexpr):
+    BLOCK_N: gl.constexpr = ROWS * (2 if PAIR else 1)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dtype: gl.constexpr = K_desc.dtype
+
+    q = q_smem.index(HALF)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([ROWS], gl.float32, row_s)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    steps = (cnt + 1) // 2 if PAIR else cnt
+    mbarrier.wait(q_bar, 0)
+    if steps > 0:
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+        # Block counts are read one step ahead, so their two dependent loads never stall the loop.
+        n0, n1 = _step_counts(IDX_row, BCNT, gl.minimum(1, steps - 1), cnt, PAD, PAIR)
+        c0, c1 = _step_counts(IDX_row, BCNT, 0, cnt, PAD, PAIR)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        s = _masked_scores(s, c0, c1, PAD, PAIR, col_s)
+        m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+        p = p.to(dtype)
+        for j in range(steps - 1):
+            st = j % NUM_STAGES
+            nx = j + 1
+            st_nx = nx % NUM_STAGES
+            # Issue the next step's scores, then this step's P.V; the softmax of the next step
+            # waits only for the first (wgmma groups complete in order) and runs while P.V does.
+            mbarrier.wait(k_ready.index(st_nx), (nx // NUM_STAGES) & 1)
+            s = warpgroup_mma(q, k_bufs.index(st_nx).permute((1, 0)), s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(st), (j // NUM_STAGES) & 1)
+            acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_bufs.index(st), acc, is_async=True)
+            a0, a1 = _step_counts(IDX_row, BCNT, gl.minimum(nx + 1, steps - 1), cnt, PAD, PAIR)
+            s = warpgroup_mma_wait(1, deps=(s, ))
+            s = _masked_scores(s, n0, n1, PAD, PAIR, col_s)
+            n0, n1 = a0, a1
+            m_i, l_i, p_f, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(st), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p = p_f.to(dtype)
+        last = steps - 1
+        st = last % NUM_STAGES
+        mbarrier.wait(v_ready.index(st), (last // NUM_STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_bufs.index(st), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(st), count=1)
+
+    first = tile_row + HALF * ROWS
+    # S is a multiple of 64: each consumer's 64 rows are all real or (last tile) all past the end.
+    if first < S:
+        has = l_i > 0.0
+        l_safe = gl.where(has, l_i, 1.0)
+        out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
+        rows = (row0 + first + gl.arange(0, ROWS, layout=row_o)).to(gl.int64)
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        gl.store(O + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), out.to(dtype))
+        lse = gl.where(has, m_i + gl.log2(l_safe), float("inf"))
+        gl.store(LSE + row0 + first + gl.arange(0, ROWS, layout=row_s), lse)
+
+
+@gluon.jit
+def _producer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+              O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+              PAIR: gl.constexpr):
+    # Rows past the head's end belong to the next head (or lie past the tensor: zero-filled); the
+    # consumer that gets them never stores its result.
+    mbarrier.expect(q_bar, 2 * Q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row, 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row + ROWS, 0], q_bar, q_smem.index(1))
+    steps = (cnt + 1) // 2 if PAIR else cnt
+    nbytes: gl.constexpr = K_desc.block_type.nbytes * (2 if PAIR else 1)
+    for j in range(steps):
+        st = j % NUM_STAGES
+        # Slots start free: the first pass waits on the phase before the barrier's first.
+        mbarrier.wait(kv_empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
+        k_buf = k_bufs.index(st)
+        v_buf = v_bufs.index(st)
+        if PAIR:
+            # An odd list's last step loads its block twice; the consumers mask the copy.
+            row_a = row0 + gl.load(IDX_row + 2 * j) * ROWS
+            row_b = row0 + gl.load(IDX_row + gl.minimum(2 * j + 1, cnt - 1)) * ROWS
+            mbarrier.expect(k_ready.index(st), nbytes)
+            tma.async_copy_global_to_shared(K_desc, [row_a, 0], k_ready.index(st), k_buf.slice(0, ROWS))
+            tma.async_copy_global_to_shared(K_desc, [row_b, 0], k_ready.index(st), k_buf.slice(ROWS, ROWS))
+            mbarrier.expect(v_ready.index(st), nbytes)
+            tma.async_copy_global_to_shared(V_desc, [row_a, 0], v_ready.index(st), v_buf.slice(0, ROWS))
+            tma.async_copy_global_to_shared(V_desc, [row_b, 0], v_ready.index(st), v_buf.slice(ROWS, ROWS))
+        else:
+            key_row = row0 + gl.load(IDX_row + j) * ROWS
+            mbarrier.expect(k_ready.index(st), nbytes)
+            tma.async_copy_global_to_shared(K_desc, [key_row, 0], k_ready.index(st), k_buf)
+            mbarrier.expect(v_ready.index(st), nbytes)
+            tma.async_copy_global_to_shared(V_desc, [key_row, 0], v_ready.index(st), v_buf)
+
+
+@gluon.jit
+def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, i_h, i_r, H, S, qk_scale,
+                 HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr, PAIR: gl.constexpr):
+    """One program per (128-row query tile, batch*head). ``Q_desc``/``K_desc``/``V_desc``: tensor
+    descriptors over contiguous ``[B*H*S, D]`` with 64 x D boxes; ``O`` contiguous like q; ``LSE``
+    ``[B*H*S]`` float32; ``CNT``/``IDX``: the 128-row table's kv lists; ``BCNT``: real tokens per
+    key block (read only with ``PAD``)."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cnt = gl.load(CNT + b * c_b + h * c_h + pid_m)
+    IDX_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    row0 = bh * S
+    tile_row = pid_m * (2 * ROWS)
+
+    q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
+    # ``PAIR``: a slot holds two listed key blocks (a 128-key step: half the softmax rescales and
+    # loop overheads per key).
+    BLOCK_N: gl.constexpr = ROWS * (2 if PAIR else 1)
+    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], K_desc.layout)
+    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], V_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        # Released by both consumers.
+        mbarrier.init(kv_empty.index(i), count=2)
+
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, PAIR)),
+        (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD, PAIR)),
+        (_producer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, PAIR)),
+    ], [4, 1], [240, 24])
