@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nabla_attn import VideoGrid, select_backend, tile, untile
 from nabla_attn.attention import make_layout, run_backend
+from nabla_attn.grid import tile_pooled
 from nabla_attn.diffusers import NablaConfig, apply_nabla, remove_nabla
 from nabla_attn.masks import nabla_mask_tiled
 
@@ -65,6 +66,26 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int, device: str) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def profile_kernels(fn: Callable[[], Any], top: int = 14) -> list[dict[str, Any]]:
+    """GPU kernels of one call of ``fn`` by self device time (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = getattr(e, "self_cuda_time_total", 0.0) if us is None else us
+        if us > 0:
+            rows.append({"kernel": e.key[:90], "calls": e.count, "ms": us / 1e3})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return [{"kernel": "(all kernels)", "calls": sum(r["calls"] for r in rows), "ms": total}] + rows[:top]
+
+
 def sdpa_ctx(kind: str, device: str):
     if device != "cuda":
         return sdpa_kernel(SDPBackend.MATH)
@@ -83,6 +104,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=200.0, help="start the compiled dense block before budget/2 s, the compiled NABLA block before budget s")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny config on CPU, to check the script")
+    ap.add_argument("--profile", action="store_true", help="GPU kernels of one dense and one NABLA eager block")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -218,6 +240,20 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - optional component, report and go on
             log(f"fused mask builder not timed: {type(exc).__name__}: {exc}")
         ms["nabla_tile_qkv"] = timed(lambda: (tile(q, layout), tile(k, layout), tile(v, layout)), reps, warm, device)
+        # What the op runs on natural-order inputs: tiling that also writes the block means, then
+        # the mask from those means (no second read of q and k).
+        ms["nabla_tile_pooled_qkv"] = timed(
+            lambda: (tile_pooled(q, layout), tile_pooled(k, layout), tile(v, layout)), reps, warm, device
+        )
+        (_, qa), (_, ka) = tile_pooled(q, layout), tile_pooled(k, layout)
+        if qa is not None and ka is not None:
+            from nabla_attn.kernels.mask_build import build_nabla_mask_fast
+
+            ms["nabla_mask_from_means"] = timed(
+                lambda: build_nabla_mask_fast(qt, kt, layout, args.threshold, None, query_block=args.query_block,
+                                              means=(qa, ka)),
+                reps, warm, device,
+            )  # fmt: skip
         out_t = run_backend(backend, qt, kt, vt, mask, scale)
         ms["nabla_untile_out"] = timed(lambda: untile(out_t, layout, like=v), reps, warm, device)
         from nabla_attn import nabla_attention
@@ -228,7 +264,8 @@ def main() -> None:
         )  # fmt: skip
         log(
             f"NABLA op {ms['attn_nabla_op']:.2f} ms = kernel {ms['nabla_kernel']:.2f} + mask {ms['nabla_mask']:.2f}"
-            f" + tile {ms['nabla_tile_qkv']:.2f} + untile {ms['nabla_untile_out']:.2f}"
+            f" + tile {ms['nabla_tile_qkv']:.2f} + untile {ms['nabla_untile_out']:.2f}; with the means from tiling:"
+            f" tile {ms['nabla_tile_pooled_qkv']:.2f} + mask {ms.get('nabla_mask_from_means', float('nan')):.2f}"
         )
         save()
 
@@ -238,6 +275,8 @@ def main() -> None:
                 continue
             with sdpa_ctx(kind, device):
                 ms[f"block_dense_{kind}"] = timed(run_block, reps, warm, device)
+                if args.profile and device == "cuda" and kind == "cudnn":
+                    result["profile_dense_cudnn"] = profile_kernels(run_block)
             log(f"block dense {kind}: {ms[f'block_dense_{kind}']:.2f} ms")
         with sdpa_ctx("cudnn", device):  # cross-attention stays dense: give it the best kernel too
             dense_out = run_block()
@@ -245,6 +284,10 @@ def main() -> None:
             handle = apply_nabla(model, cfg)
             handle.set_grid(grid)
             ms["block_nabla"] = timed(run_block, reps, warm, device)
+            if args.profile and device == "cuda":
+                result["profile_nabla"] = profile_kernels(run_block)
+                for name in ("profile_dense_cudnn", "profile_nabla"):
+                    print(f"\n{name}:\n" + "\n".join(f"  {r['ms']:9.2f} ms {r['calls']:4d}x {r['kernel']}" for r in result[name]))
             nabla_out = run_block()
             stats = handle.stats()
             result["block_density"] = stats.last.get("blocks.1.attn1")
@@ -358,9 +401,10 @@ def main() -> None:
     print("| comparison | dense block ms | NABLA block ms | speedup | limit at density | share of limit |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.2f}x | {r[4]:.2f}x | {100 * r[5]:.0f}% |")
+        print(f"| {r[0]} | {r[1]:.1f} | {r[2]:.1f} | {r[3]:.2f}x | {r[4]:.2f}x | {100 * r[5]:.1f}% |")
     outside = ms["attn_nabla_op"] - ms["nabla_kernel"]
-    print(f"\nNABLA work outside the kernel per layer: {outside:.2f} ms (mask {ms['nabla_mask']:.2f}, tile {ms['nabla_tile_qkv']:.2f}, untile {ms['nabla_untile_out']:.2f})")
+    print(f"\nNABLA work outside the kernel per layer: {outside:.2f} ms (mask {ms['nabla_mask']:.2f}, tile {ms['nabla_tile_qkv']:.2f}, untile {ms['nabla_untile_out']:.2f};"
+          f" the op tiles with means {ms['nabla_tile_pooled_qkv']:.2f} and builds the mask from them {ms.get('nabla_mask_from_means', float('nan')):.2f})")
     if "per_forward_tiling_extra_non_attention_ms" in result:
         print(
             f"tiling once per forward: {100 * pad:.1f}% padding tokens, {result['per_forward_tiling_extra_non_attention_ms']:.2f} ms"

@@ -178,6 +178,8 @@ def test_compact_table_grouped(transpose: bool) -> None:
 
 
 def test_fast_mask_rejects_bad_arguments() -> None:
+    from nabla_attn.kernels.mask_build import build_nabla_mask_fast
+
     q, k = _qk(7, B=1, H=1)
     with pytest.raises(ValueError, match="threshold"):
         _fast(q, k, 1.5)
@@ -185,3 +187,32 @@ def test_fast_mask_rejects_bad_arguments() -> None:
         _fast(q, k, 0.5, query_block=96)
     with pytest.raises(ValueError, match="tiled"):
         _fast(q[:, :, :-64], k[:, :, :-64], 0.5)
+    short = torch.zeros(1, 1, LAYOUT.num_video_blocks - 1, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="means must be float32"):
+        build_nabla_mask_fast(q, k, LAYOUT, 0.5, means=(short, short))
+
+
+@pytest.mark.parametrize("query_block", [64, 128])
+def test_means_from_tiling_give_the_same_mask(query_block: int) -> None:
+    """The tiling kernel's block means (``tile_pooled`` on the GPU) are the pooling kernel's bits, so
+    the mask is the same table; ``nabla_attention`` on natural-order inputs uses them."""
+    from nabla_attn import nabla_attention
+    from nabla_attn.grid import _TileRows
+    from nabla_attn.kernels.mask_build import build_nabla_mask_fast, pool_blocks_pair
+
+    g = torch.Generator().manual_seed(21)
+    B, H, D = 2, 3, 32
+    # [B, H, S, D] views of [B, S, H, D] memory, as diffusers hands q and k over.
+    q, k, v = (torch.randn(B, LAYOUT.seq_len, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
+    nv = LAYOUT.num_video_blocks
+    means = [torch.empty(B, H, nv, D, dtype=torch.float32, device=DEVICE) for _ in range(2)]
+    qt, kt = (_TileRows.apply(x, LAYOUT, m) for x, m in zip((q, k), means))
+    assert torch.equal(qt.cpu(), tile(q.cpu(), LAYOUT)) and torch.equal(kt.cpu(), tile(k.cpu(), LAYOUT))
+    want = pool_blocks_pair(qt, kt, LAYOUT, nv)
+    assert torch.equal(means[0], want[0]) and torch.equal(means[1], want[1])
+    with_means = build_nabla_mask_fast(qt, kt, LAYOUT, 0.6, query_block=query_block, means=tuple(means))
+    plain = build_nabla_mask_fast(qt, kt, LAYOUT, 0.6, query_block=query_block)
+    assert torch.equal(with_means.kept, plain.kept)
+    _, used = nabla_attention(q, k, v, LAYOUT.grid, 0.6, text_tokens=7, backend="reference",
+                              query_block=query_block, return_mask=True)
+    assert torch.equal(used.kept, nabla_mask_tiled(qt, kt, LAYOUT, 0.6, query_block=query_block).kept)

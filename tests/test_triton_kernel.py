@@ -242,3 +242,24 @@ def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, i
     for i, want in ((1, a64.grad), (2, b64.grad), (3, c64.grad)):
         e_ws, e_tr = ((grads[n][i].double() - want)[..., valid, :].norm() / want[..., valid, :].norm() for n in grads)
         assert e_ws <= 1.5 * e_tr + 1e-3, (i, float(e_ws), float(e_tr))
+
+
+def test_warp_specialized_only_where_it_runs() -> None:
+    """The Gluon forward serves Hopper, 128-row tables, fp16/bf16, head_dim 64/128 and a positive
+    scale; everything else runs the Triton kernel. A slot ring that does not fit is an error."""
+    from nabla_attn.backends.triton_kernel import KernelConfig, _warp_specialized, _ws_forward
+
+    q = torch.zeros(1, 1, LAYOUT.tiled_len, 64, device=DEVICE, dtype=torch.float16)
+    ws = KernelConfig()
+    assert ws.warp_specialized
+    m128, m64 = _random_mask(1, 1, 128, seed=1), _random_mask(1, 1, 64, seed=1)
+    if DEVICE == "cpu":
+        assert not _warp_specialized(q, m128, 0.1, ws)
+    assert not _warp_specialized(q, m64, 0.1, ws)
+    assert not _warp_specialized(q, m128, -0.1, ws)
+    assert not _warp_specialized(q.float(), m128, 0.1, ws)
+    assert not _warp_specialized(q[..., :32], m128, 0.1, ws)
+    assert not _warp_specialized(q, m128, 0.1, KernelConfig(warp_specialized=False))
+    big = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="ws_stages=4 with ws_pair=True needs 288 KiB"):
+        _ws_forward(big, big, big, big, big, big, big, big, False, 0.1, KernelConfig(ws_stages=4))

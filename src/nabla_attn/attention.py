@@ -8,7 +8,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from .grid import TokenLayout, VideoGrid, tile, untile
+from .grid import TokenLayout, VideoGrid, tile, tile_pooled, untile
 from .masks import BlockSparseMask, check_sta_window, check_threshold, nabla_mask_tiled
 
 log = logging.getLogger("nabla_attn")
@@ -183,9 +183,23 @@ def nabla_attention(
     elif mask.layout != lay:
         raise ValueError(f"mask was built for {mask.layout}, not {lay}")
 
-    qt, kt, vt = (q, k, v) if layout == "tiled" else (tile(q, lay), tile(k, lay), tile(v, lay))
+    means = None
+    if layout == "tiled":
+        qt, kt, vt = q, k, v
+    elif mask is None and threshold is not None:
+        # On the GPU the tiling pass also writes the block means the mask needs.
+        (qt, qa), (kt, ka) = tile_pooled(q, lay), tile_pooled(k, lay)
+        means = (qa, ka) if qa is not None and ka is not None else None
+        vt = tile(v, lay)
+    else:
+        qt, kt, vt = tile(q, lay), tile(k, lay), tile(v, lay)
     if mask is None:
-        mask = nabla_mask_tiled(qt, kt, lay, threshold, sta_window, query_block=query_block)
+        if means is not None:
+            from .kernels.mask_build import build_nabla_mask_fast
+
+            mask = build_nabla_mask_fast(qt, kt, lay, threshold, sta_window, query_block=query_block, means=means)
+        else:
+            mask = nabla_mask_tiled(qt, kt, lay, threshold, sta_window, query_block=query_block)
     out = run_backend(name, qt, kt, vt, mask, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     if layout == "natural":
         # The output takes v's memory layout: [B, S, H, D] callers then transpose back for free.

@@ -182,6 +182,26 @@ def mask_breakdown(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, thresh
     return out
 
 
+def natural_input_mask_cost(qt: torch.Tensor, kt: torch.Tensor, layout: TokenLayout, threshold: float,
+                            query_block: int) -> dict[str, float]:
+    """What the mask adds to a call on natural-order q and k, which the op tiles anyway: its tiling
+    pass also writes the block means (``tile_pooled``), so the mask costs the pooled tiling minus
+    plain tiling plus the mask from those means. Empty where the tiling kernel does not run."""
+    from .grid import tile_pooled
+    from .kernels.mask_build import build_nabla_mask_fast
+
+    q, k = untile(qt, layout), untile(kt, layout)
+    (_, qa), (_, ka) = tile_pooled(q, layout), tile_pooled(k, layout)
+    if qa is None or ka is None:
+        return {}
+    out = {"tile_qk_ms": time_ms(lambda: (tile(q, layout), tile(k, layout))),
+           "tile_qk_pooled_ms": time_ms(lambda: (tile_pooled(q, layout), tile_pooled(k, layout))),
+           "mask_from_means_ms": time_ms(lambda: build_nabla_mask_fast(qt, kt, layout, threshold, None,
+                                                                       query_block=query_block, means=(qa, ka)))}
+    out["mask_cost_ms"] = out["tile_qk_pooled_ms"] - out["tile_qk_ms"] + out["mask_from_means_ms"]
+    return out
+
+
 def threshold_for_density(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, density: float,
                           query_block: int, iters: int = 16) -> tuple[float, BlockSparseMask]:
     """Bisection on the threshold so the block table's kept fraction lands at ``density``."""
@@ -533,6 +553,8 @@ def run(args: argparse.Namespace) -> int:
                 peak = peak_mib(lambda: fast_mask(qt, kt, layout, thr, qb))
                 info.setdefault("masks", {})[f"{dens}_{qb}"] = {"threshold": thr, "density": m.density, "mask_ms": mask_ms,
                                                                 "peak_mib": peak}
+                if abs(dens - 0.1) < 1e-9:
+                    info["masks"][f"{dens}_{qb}"]["natural_input"] = natural_input_mask_cost(qt, kt, layout, thr, qb)
                 if abs(dens - 0.1) < 1e-9 and qb == 64 and "eager_mask_ms_qb64" not in info:
                     info["eager_mask_ms_qb64"] = time_ms(lambda: eager_mask(qt, kt, layout, thr, 64))
                     info["eager_mask_peak_mib"] = peak_mib(lambda: eager_mask(qt, kt, layout, thr, 64))
@@ -648,3 +670,11 @@ def _print_table(result: dict[str, Any], rows: list[Row]) -> None:
         print(f"{s}: cuDNN fwd {info['cudnn_fwd_ms']:.2f} ms ({info['cudnn_fwd_tflops']:.0f} TFLOP/s), "
               f"fwd+bwd {info.get('cudnn_fwdbwd_ms', float('nan')):.2f} ms; eager mask (qb64, 10%) "
               f"{info.get('eager_mask_ms_qb64', float('nan')):.2f} ms, peak {info.get('eager_mask_peak_mib', float('nan')):.0f} MiB")
+        for key, m in info.get("masks", {}).items():
+            nat = m.get("natural_input")
+            if nat:
+                fwd = next((r.fwd_ms for r in rows if r.shape == s and r.kernel == f"triton_q{key.split('_')[1]}"
+                            and r.threshold == m["threshold"]), float("nan"))
+                print(f"  mask on natural-order input ({key}): {nat['mask_cost_ms']:.2f} ms = pooled tiling "
+                      f"{nat['tile_qk_pooled_ms']:.2f} - tiling {nat['tile_qk_ms']:.2f} + mask from the means "
+                      f"{nat['mask_from_means_ms']:.2f} ({100 * nat['mask_cost_ms'] / fwd:.1f}% of the forward)")

@@ -241,6 +241,21 @@ def tile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return out
 
 
+def tile_pooled(x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`tile`, plus NABLA's float32 video-block means ``[B, H, num_video_blocks, D]`` of ``x``
+    (``[B, H, S, D]``) computed by the same pass, where the GPU permutation kernel runs (CUDA, a
+    power-of-two head_dim); elsewhere the means are None and the mask builder pools by itself.
+    The means are the same bits as the builder's own pooling of the tiled tensor.
+    """
+    nv = layout.num_video_blocks
+    if not (_gpu_permute(x) and x.dim() == 4 and x.shape[-1] in (16, 32, 64, 128, 256) and nv > 0):
+        return tile(x, layout), None
+    if x.shape[-2] != layout.seq_len:
+        return tile(x, layout), None  # tile raises the shape error
+    means = torch.empty(x.shape[0], x.shape[1], nv, x.shape[-1], dtype=torch.float32, device=x.device)
+    return _TileRows.apply(x, layout, means), means
+
+
 def untile(x: torch.Tensor, layout: TokenLayout, *, like: torch.Tensor | None = None) -> torch.Tensor:
     """Tiled order ``[..., tiled_len, D]`` -> natural order ``[..., seq_len, D]`` (padding dropped).
 
@@ -276,23 +291,27 @@ def _as4(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 4 else x.unsqueeze(1)
 
 
-def _permute_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _permute_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, means: torch.Tensor | None = None,
+                  counts: torch.Tensor | None = None) -> torch.Tensor:
     from .kernels.permute import gather_rows
 
-    gather_rows(_as4(x), index, _as4(out))
+    gather_rows(_as4(x), index, _as4(out), means, counts)
     return out
 
 
 class _TileRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, layout: TokenLayout,  # type: ignore[override]
+                means: torch.Tensor | None = None) -> torch.Tensor:
+        """``means``: a float32 buffer the kernel fills with the video-block means (no gradient)."""
         ctx.layout = layout
         out = x.new_empty((*x.shape[:-2], layout.tiled_len, x.shape[-1]))
-        return _permute_rows(x, _on_device("tile_rows", layout, x.device), out)
+        counts = _on_device("counts", layout, x.device) if means is not None else None
+        return _permute_rows(x, _on_device("tile_rows", layout, x.device), out, means, counts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return untile(grad, ctx.layout), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        return untile(grad, ctx.layout), None, None
 
 
 class _UntileRows(torch.autograd.Function):

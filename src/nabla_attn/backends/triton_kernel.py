@@ -181,11 +181,18 @@ def _warp_specialized(q: torch.Tensor, mask: BlockSparseMask, scale: float, cfg:
     # wgmma, the instruction the kernel is written in, exists on sm_90 only.
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
+    return _gluon_tested()
+
+
+def _gluon_tested() -> bool:
+    """Gluon is Triton's experimental dialect and its API moves between releases: the kernel runs on
+    the release series it was validated on (3.6); others get the Triton kernel."""
     try:
+        import triton
         from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
     except ImportError:
         return False
-    return True
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
 
 
 def _ws_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,

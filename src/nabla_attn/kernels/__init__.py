@@ -1,4 +1,6 @@
-"""Triton kernels: the fused NABLA mask builder and the block-sparse attention kernel.
+"""Triton kernels: the fused NABLA mask builder, the block-sparse attention kernel, the row
+permutation behind ``tile``/``untile``, and (``attention_ws``) the warp-specialised Gluon forward for
+Hopper.
 
 Importing these modules compiles nothing; kernels JIT on first launch. They run on CUDA, and on the
 CPU only under Triton's interpreter (``TRITON_INTERPRET=1`` set *before* the first import), which

@@ -340,21 +340,29 @@ def build_nabla_mask_fast(
     *,
     query_block: int = 64,
     write_lists: bool = True,
+    means: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockSparseMask:
     """:func:`nabla_attn.nabla_mask_tiled` through the fused Triton row kernel.
 
     Same arguments and result as the eager builder (up to float rounding at the cut). With
     ``write_lists`` the kv lists (``mask.kv_lists()``) are written by the same kernel and cached on
-    the mask, so no separate compaction pass runs.
+    the mask, so no separate compaction pass runs. ``means``: q's and k's float32 video-block means
+    ``[B, H, num_video_blocks, D]`` as :func:`pool_blocks_pair` computes them (``tile_pooled``
+    writes them while tiling), so q and k are not read again.
     """
     win = check_mask_args(threshold, sta_window, query_block)
     if q.shape[-2] != layout.tiled_len or k.shape != q.shape:
         raise ValueError(f"q, k must be tiled [B, H, {layout.tiled_len}, D], got {tuple(q.shape)}, {tuple(k.shape)}")
     nv = layout.num_video_blocks
     dev = q.device
+    if means is not None:
+        want = (*q.shape[:2], nv, q.shape[-1])
+        if any(tuple(m.shape) != want or m.dtype != torch.float32 for m in means):
+            raise ValueError(f"means must be float32 {want}, got "
+                             f"{[(m.dtype, tuple(m.shape)) for m in means]}")
     with torch.no_grad():
         if threshold is not None:
-            qa, ka = pool_blocks_pair(q, k, layout, nv)
+            qa, ka = means if means is not None else pool_blocks_pair(q, k, layout, nv)
             scores = block_scores(qa, ka)
             del qa, ka
             cut: float | None = float32_cut(threshold)
