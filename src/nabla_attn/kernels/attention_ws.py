@@ -13,6 +13,8 @@ holds three partitions, as in FlashAttention-3:
   ``Q.K^T`` asynchronously before this block's ``P.V`` and runs the softmax while both products are
   in flight, so the tensor cores and the FMA/exp units work at the same time. The two consumers
   share every K/V copy.
+With ``PAIR`` a step covers two listed key blocks (128 keys): half the accumulator rescales, row
+reductions and barrier waits per key (15.6 vs 16.6 ms at Wan 14B 720p, 10 %, H200).
 Registers are rebalanced per partition (``setmaxnreg``): 240 per consumer thread, 24 for the
 producer.
 """
@@ -30,7 +32,8 @@ ROWS = gl.constexpr(64)  # query rows per consumer, and tokens per key block
 def _step_counts(IDX_row, BCNT, step, cnt, PAD: gl.constexpr, PAIR: gl.constexpr):
     """Real tokens in the key block(s) of one step: ``(n0, n1)`` for list entries ``2*step`` and
     ``2*step + 1`` with ``PAIR`` (``n1`` = 0 past the list's end), else ``(n0, 64)`` for entry
-    ``step``. Without ``PAD`` every block is whole (64)."""
+    ``step``. Without ``PAD`` every block is whole (64). (``ROWS + 0 * cnt`` makes the constant a
+    runtime scalar, the type the loaded counts have, so every branch returns the same types.)"""
     if PAIR:
         j0 = 2 * step
         has2 = j0 + 1 < cnt
@@ -78,6 +81,8 @@ def _softmax_step(s, m_i, l_i, qk_scale):
     return m_new, l_i, p, alpha
 
 
+# The consumer and producer take the same arguments: Gluon requires one signature for all worker
+# partitions (the second consumer runs as a worker), so each ignores what it does not use.
 @gluon.jit
 def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
               O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
