@@ -186,20 +186,16 @@ def nabla_attention(
     means = None
     if layout == "tiled":
         qt, kt, vt = q, k, v
-    elif mask is None and threshold is not None:
-        # On the GPU the tiling pass also writes the block means the mask needs.
-        (qt, qa), (kt, ka) = tile_pooled(q, lay), tile_pooled(k, lay)
-        means = (qa, ka) if qa is not None and ka is not None else None
-        vt = tile(v, lay)
     else:
-        qt, kt, vt = tile(q, lay), tile(k, lay), tile(v, lay)
+        # On the GPU the tiling pass also writes the block means the mask needs.
+        pool = mask is None and threshold is not None
+        qt, qa = tile_pooled(q, lay) if pool else (tile(q, lay), None)
+        kt, ka = tile_pooled(k, lay) if pool else (tile(k, lay), None)
+        vt = tile(v, lay)
+        if qa is not None and ka is not None:
+            means = (qa, ka)
     if mask is None:
-        if means is not None:
-            from .kernels.mask_build import build_nabla_mask_fast
-
-            mask = build_nabla_mask_fast(qt, kt, lay, threshold, sta_window, query_block=query_block, means=means)
-        else:
-            mask = nabla_mask_tiled(qt, kt, lay, threshold, sta_window, query_block=query_block)
+        mask = nabla_mask_tiled(qt, kt, lay, threshold, sta_window, query_block=query_block, means=means)
     out = run_backend(name, qt, kt, vt, mask, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
     if layout == "natural":
         # The output takes v's memory layout: [B, S, H, D] callers then transpose back for free.

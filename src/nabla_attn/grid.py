@@ -248,10 +248,13 @@ def tile_pooled(x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, tor
     The means are the same bits as the builder's own pooling of the tiled tensor.
     """
     nv = layout.num_video_blocks
-    if not (_gpu_permute(x) and x.dim() == 4 and x.shape[-1] in (16, 32, 64, 128, 256) and nv > 0):
+    # (A wrong sequence length goes to tile, which names it.)
+    if not (_gpu_permute(x) and x.dim() == 4 and nv > 0 and x.shape[-2] == layout.seq_len):
         return tile(x, layout), None
-    if x.shape[-2] != layout.seq_len:
-        return tile(x, layout), None  # tile raises the shape error
+    from .kernels.mask_build import poolable
+
+    if not poolable(x):
+        return tile(x, layout), None
     means = torch.empty(x.shape[0], x.shape[1], nv, x.shape[-1], dtype=torch.float32, device=x.device)
     return _TileRows.apply(x, layout, means), means
 

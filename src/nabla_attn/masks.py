@@ -233,12 +233,17 @@ def nabla_mask_tiled(
     sta_window: Sequence[int] | None = None,
     *,
     query_block: int = 64,
+    means: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockSparseMask:
-    """:func:`nabla_mask` on q, k already in tiled layout (``[B, H, layout.tiled_len, D]``)."""
+    """:func:`nabla_mask` on q, k already in tiled layout (``[B, H, layout.tiled_len, D]``).
+
+    ``means``: q's and k's block means from :func:`nabla_attn.grid.tile_pooled` (CUDA), which the
+    fused builder then uses instead of pooling again; elsewhere the builder pools by itself.
+    """
     win = check_mask_args(threshold, sta_window, query_block)
     # --- fast path (issue 3): on CUDA the fused Triton builder computes this same table. ---
     if q.is_cuda and (fast := _fast_builder()) is not None:
-        return fast(q, k, layout, threshold, win, query_block=query_block)
+        return fast(q, k, layout, threshold, win, query_block=query_block, means=means)
     # --- end fast path ---
     nv = layout.num_video_blocks
     with torch.no_grad():

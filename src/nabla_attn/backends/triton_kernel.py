@@ -13,6 +13,7 @@ Block lists are cached on the :class:`BlockSparseMask` (``mask._cache``): the kv
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -184,6 +185,7 @@ def _warp_specialized(q: torch.Tensor, mask: BlockSparseMask, scale: float, cfg:
     return _gluon_tested()
 
 
+@functools.cache
 def _gluon_tested() -> bool:
     """Gluon is Triton's experimental dialect and its API moves between releases: the kernel runs on
     the release series it was validated on (3.6); others get the Triton kernel."""
@@ -253,11 +255,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         n_tiles = -(-S // tile_m)
         if cnt.shape[2] != n_tiles:
             raise RuntimeError(f"kv lists have {cnt.shape[2]} rows, the kernel needs {n_tiles} tiles of {tile_m}")
-        fold = cfg.fold and scale > 0
-        tma = cfg.tma and not cfg.pair and _has_tma(q)
         if _warp_specialized(q, mask, scale, cfg):
             _ws_forward(q, k, v, o, lse, cnt, idx, bcnt, _padded(mask, cfg), scale, cfg)
         else:
+            fold = cfg.fold and scale > 0
+            tma = cfg.tma and not cfg.pair and _has_tma(q)
             kk, vv = (_descriptor(k, BLOCK_TOKENS), _descriptor(v, BLOCK_TOKENS)) if tma else (k, v)
             _attn_fwd[(n_tiles, B * H)](
                 q, kk, vv, o, lse, cnt, idx, bcnt, sub,

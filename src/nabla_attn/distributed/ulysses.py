@@ -85,10 +85,6 @@ class UlyssesInfo:
         return [sum(self.head_costs[h] for h in heads) for heads in self.assignment]
 
 
-def _check_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    check_tensors(q, k, v, "local_seq")
-
-
 # ----------------------------------------------------------------------------------------------
 # Index maps between the per-rank padded chunks and the tiled layout (cached per layout and split)
 
@@ -417,7 +413,7 @@ def ulysses_nabla_attention(
     """
     P, rank = group_size_rank(group)
     layout = make_layout(grid, text_tokens, text_position)
-    _check_local(q, k, v)
+    check_tensors(q, k, v, "local_seq")
     S = layout.seq_len
     sizes = check_shard_sizes(shard_sizes, S, P) if shard_sizes is not None else default_sizes(S, P)
     n_r, c = sizes[rank], max(sizes)

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .mask_build import POOL_WARPS
+
 
 @triton.jit
 def _gather_rows_kernel(
@@ -76,7 +78,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, means: 
         x, out, index, means if pool else out, counts if pool else index,
         x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, n_out, D, means.shape[2] if pool else 0, BLOCK_D=triton.next_power_of_2(D), ROWS=rows, POOL=pool,
-        # Pooling runs on the mask builder's pooling warps (2), so the sums are the same bits.
-        num_warps=2 if pool else 4,
+        # Pooling runs on the mask builder's pooling warps, so the sums are the same bits.
+        num_warps=POOL_WARPS if pool else 4,
     )
     return out
