@@ -37,7 +37,7 @@ def test_flex_backward_on_cpu_is_refused_clearly():
 
 def test_flex_new_masks_do_not_recompile_and_query_block_128():
     torch._dynamo.reset()
-    flex._compiled.cache_clear()
+    flex.compiled.cache_clear()
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -48,3 +48,18 @@ def test_flex_new_masks_do_not_recompile_and_query_block_128():
             ref = masked_sdpa(q.double(), k.double(), v.double(), token_mask(m, 1, 2))
             assert rel_err(out, ref) < 1e-5
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_flex_new_layouts_recompile_once_not_per_layout():
+    """HunyuanVideo's text length changes with the prompt: each length is a new token layout. The
+    flex graph recompiles once with symbolic sizes and then serves every layout, so even a
+    recompile limit of 2 is never reached (with static shapes the third layout would fail)."""
+    torch._dynamo.reset()
+    flex.compiled.cache_clear()
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        for text in (3, 9, 21, 40):
+            S = GRID.num_tokens + text
+            q, k, v = (torch.randn(1, 2, S, 16) for _ in range(3))
+            out, m = nabla_attention(q, k, v, GRID, 0.5, text_tokens=text, backend="flex", return_mask=True)
+            ref = masked_sdpa(q.double(), k.double(), v.double(), token_mask(m, 1, 2))
+            assert rel_err(out, ref) < 1e-5

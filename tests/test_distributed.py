@@ -314,30 +314,22 @@ _FUSED_CHECK = """
 import math, os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
-from nabla_attn import TokenLayout, VideoGrid
-from nabla_attn.distributed.ulysses import _eager_tables, _tables_fast
+from nabla_attn import MaskSpec, TokenLayout, VideoGrid, mask_from_means, masks
 for grid, text, pos, thr, win, qb in [((3, 13, 22), 7, "end", 0.5, None, 64), ((2, 9, 17), 5, "start", 0.3, (1, 3, 3), 128)]:
     lay = TokenLayout(VideoGrid(*grid), text, pos)
     g = torch.Generator().manual_seed(0)
     qa, ka = (torch.randn(2, 3, lay.num_video_blocks, 16, generator=g) * 2 for _ in range(2))
-    scores = qa @ ka.transpose(-1, -2) / math.sqrt(16)
-    fast = _tables_fast(scores, lay, thr, win, qb)
-    assert fast is not None, "fused kernel did not run"
-    kept, (counts, idx) = fast
-    assert torch.equal(kept, _eager_tables(scores, lay, thr, win, qb)), (grid, qb)
-    # The kv lists written with the table are its row compaction.
-    assert torch.equal(counts, kept.sum(-1, dtype=torch.int32))
-    for row in [(0, 0, 0), (1, 2, kept.shape[2] - 1)]:
-        n = int(counts[row])
-        assert torch.equal(idx[row][:n].long(), torch.nonzero(kept[row]).squeeze(1)), row
+    spec = MaskSpec(thr, win, qb)
+    fused = mask_from_means(qa, ka, lay, spec, backend="triton")
+    assert torch.equal(fused.kept, masks.mask_from_means(qa, ka, lay, spec).kept), (grid, qb)
 print("ok")
 """
 
 
 def test_fused_tables_from_means_match_eager() -> None:
-    # On CUDA the Ulysses path builds tables from gathered means with the fused Triton row kernel;
-    # here the same kernel runs under Triton's CPU interpreter (in a subprocess: the interpreter
-    # switch is process-wide) and must give the eager tables.
+    # On CUDA the Ulysses path builds tables from gathered means with the fused Triton builder
+    # (mask_from_means); here the same kernels run under Triton's CPU interpreter (in a subprocess:
+    # the interpreter switch is process-wide) and must give the eager definition's tables.
     pytest.importorskip("triton")
     import subprocess
     import sys
@@ -351,15 +343,15 @@ def test_fused_tables_from_means_match_eager() -> None:
 def test_wan_720p_gathers_move_whole_tile_rows(world: int) -> None:
     # Wan 14B 720p on 2 or 4 ranks: both gathers around the attention move 8-token segments, and
     # expanding the segment indices gives back the token indices of the general path.
+    from nabla_attn.distributed import maps
     from nabla_attn.grid import TokenLayout
-    from nabla_attn.distributed import ulysses as U
 
     layout = TokenLayout(VideoGrid(21, 40, 80))
     sizes = tuple(shard_sizes(layout.seq_len, world))
     h_r = 40 // world
-    g_in, g_out, _, n_in, n_out = U._gathers_on(layout, sizes, h_r, 1, torch.device("cpu"))
+    g_in, g_out, _, n_in, n_out = maps.gathers(layout, sizes, h_r, 1, torch.device("cpu"))
     assert (n_in, n_out) == (8, 8)
-    slot_of_tiled, tiled_of_slot, _ = U._slot_maps(layout, sizes)
+    slot_of_tiled, tiled_of_slot, _ = maps.slot_maps(layout, sizes)
     c, T = max(sizes), layout.tiled_len
     tokens_in = (g_in[:, None] * 8 + torch.arange(8)).reshape(1, h_r, T)
     want_in = (slot_of_tiled // c * h_r + torch.arange(h_r).view(1, h_r, 1)) * c + slot_of_tiled % c
@@ -368,5 +360,5 @@ def test_wan_720p_gathers_move_whole_tile_rows(world: int) -> None:
     want_out = torch.arange(h_r).view(1, h_r, 1, 1) * T + tiled_of_slot.view(world, 1, 1, c)
     assert torch.equal(tokens_out, want_out)
     # An odd grid falls back to single tokens.
-    odd = U._gathers_on(TokenLayout(VideoGrid(3, 13, 22)), tuple(shard_sizes(858, 2)), 2, 1, torch.device("cpu"))
+    odd = maps.gathers(TokenLayout(VideoGrid(3, 13, 22)), tuple(shard_sizes(858, 2)), 2, 1, torch.device("cpu"))
     assert odd[3:] == (1, 1)

@@ -13,9 +13,10 @@ from triton_interpret import DEVICE, only_in_process, rerun_in_fresh_process
 
 pytest.importorskip("triton")
 
-from nabla_attn import TokenLayout, VideoGrid, nabla_mask_tiled, sta_mask, tile  # noqa: E402
-from nabla_attn.masks import BlockSparseMask, compact_rows, pool_blocks  # noqa: E402
+from nabla_attn import MaskSpec, TokenLayout, VideoGrid, backends, sta_mask, tile  # noqa: E402
+from nabla_attn.masks import BlockSparseMask, compact_rows, pool_blocks, reference_mask  # noqa: E402
 
+TRITON = backends.get("triton")
 
 
 def test_in_fresh_process_when_triton_was_imported_first() -> None:
@@ -50,10 +51,18 @@ def _near_cut(q: torch.Tensor, k: torch.Tensor, threshold: float, tol: float = 1
     return full
 
 
-def _fast(q, k, threshold, window=None, query_block=64) -> BlockSparseMask:
-    from nabla_attn.kernels.mask_build import build_nabla_mask_fast
+def _fast(q, k, threshold, window=None, query_block=64, layout=LAYOUT) -> BlockSparseMask:
+    """The fused builder (the Triton backend's), which runs the kernels here under the interpreter."""
+    return TRITON.build_mask(q, k, layout, MaskSpec(threshold, window, query_block))[0]
 
-    return build_nabla_mask_fast(q, k, LAYOUT, threshold, window, query_block=query_block)
+
+def _lists(q, k, threshold, window=None, query_block=64):  # type: ignore[no-untyped-def]
+    return TRITON.build_mask(q, k, LAYOUT, MaskSpec(threshold, window, query_block))
+
+
+def nabla_mask_tiled(q, k, layout, threshold, window=None, query_block=64) -> BlockSparseMask:  # type: ignore[no-untyped-def]
+    """The eager definition."""
+    return reference_mask(q, k, layout, MaskSpec(threshold, window, query_block))
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.9, 1.0])
@@ -73,7 +82,7 @@ def test_fast_mask_matches_eager(threshold: float) -> None:
 def test_fast_mask_row_segments(grid: tuple[int, int, int], text: int) -> None:
     """Tables of 1, 8, 6, 16 and 9 columns: the row kernel's two column segments (a power of two and
     its rest) cover every column, whole powers of two included, with and without query grouping."""
-    from nabla_attn.kernels.mask_build import build_nabla_mask_fast, row_segments
+    from nabla_attn.kernels.mask_build import row_segments
 
     layout = TokenLayout(VideoGrid(*grid), text)
     main, tail = row_segments(layout.num_blocks)
@@ -82,11 +91,10 @@ def test_fast_mask_row_segments(grid: tuple[int, int, int], text: int) -> None:
     q, k = (torch.randn(1, 2, layout.seq_len, 16, generator=g) for _ in range(2))
     qt, kt = tile(q, layout).to(DEVICE), tile(k, layout).to(DEVICE)
     for qb in (64, 128):
-        fast = build_nabla_mask_fast(qt, kt, layout, 0.6, (1, 1, 3), query_block=qb)
+        fast, lists = TRITON.build_mask(qt, kt, layout, MaskSpec(0.6, (1, 1, 3), qb))
         eager = nabla_mask_tiled(qt, kt, layout, 0.6, (1, 1, 3), query_block=qb)
         assert torch.equal(fast.kept, eager.kept)
-        counts, idx = fast.kv_lists()
-        assert torch.equal(counts, compact_rows(fast.kept)[0])
+        assert torch.equal(lists.counts, compact_rows(fast.kept)[0])
 
 
 @pytest.mark.parametrize("window", [(1, 3, 3), (3, 1, 5)])
@@ -109,8 +117,8 @@ def test_fast_mask_with_sta_and_text(window: tuple[int, int, int], query_block: 
 def test_fast_mask_kv_lists_are_compact_rows() -> None:
     q, k = _qk(3)
     for qb in (64, 128):
-        m = _fast(q, k, 0.7, (1, 1, 3), qb)
-        counts, idx = m.kv_lists()  # written by the builder itself
+        m, lists = _lists(q, k, 0.7, (1, 1, 3), qb)
+        counts, idx = lists.counts, lists.indices  # written by the builder itself
         ref_counts, ref_idx = compact_rows(m.kept)
         assert torch.equal(counts, ref_counts)
         for row in zip(*torch.nonzero(counts >= 0, as_tuple=True)):
@@ -157,20 +165,14 @@ def test_fast_mask_dominant_block_in_tail_segment() -> None:
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_compact_table_grouped(transpose: bool) -> None:
-    from nabla_attn.kernels.mask_build import compact_table
+def test_compact_kernel(transpose: bool) -> None:
+    from nabla_attn.kernels.mask_build import compact
 
     g = torch.Generator().manual_seed(6)
-    kept = (torch.rand(2, 1, 19, 19, generator=g) < 0.3).to(DEVICE)
-    if transpose:
-        counts, idx = compact_table(kept, col_group=2, transpose=True, n_cols=10)
-        padded = torch.cat([kept, kept.new_zeros(2, 1, 1, 19)], 2)
-        grouped = padded.view(2, 1, 10, 2, 19).any(3).transpose(-1, -2)
-    else:
-        counts, idx = compact_table(kept, row_group=2)
-        padded = torch.cat([kept, kept.new_zeros(2, 1, 1, 19)], 2)
-        grouped = padded.view(2, 1, 10, 2, 19).any(3)
-    ref_counts, ref_idx = compact_rows(grouped)
+    kept = (torch.rand(2, 1, 19, 23, generator=g) < 0.3).to(DEVICE)
+    counts, idx = compact(kept, transpose=transpose)
+    table = kept.transpose(-1, -2) if transpose else kept
+    ref_counts, ref_idx = compact_rows(table)
     assert torch.equal(counts, ref_counts)
     for row in zip(*torch.nonzero(counts >= 0, as_tuple=True)):
         n = int(counts[row])
@@ -178,41 +180,55 @@ def test_compact_table_grouped(transpose: bool) -> None:
 
 
 def test_fast_mask_rejects_bad_arguments() -> None:
-    from nabla_attn.kernels.mask_build import build_nabla_mask_fast
+    from nabla_attn import nabla_mask_tiled as public_mask_tiled
 
     q, k = _qk(7, B=1, H=1)
     with pytest.raises(ValueError, match="threshold"):
         _fast(q, k, 1.5)
     with pytest.raises(ValueError, match="query_block"):
         _fast(q, k, 0.5, query_block=96)
-    with pytest.raises(ValueError, match="tiled"):
-        _fast(q[:, :, :-64], k[:, :, :-64], 0.5)
+    with pytest.raises(ValueError, match="seq length 1152 .*tiled length"):
+        public_mask_tiled(q[:, :, :-64], k[:, :, :-64], LAYOUT, 0.5, backend="triton")
     short = torch.zeros(1, 1, LAYOUT.num_video_blocks - 1, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="means must be float32"):
-        build_nabla_mask_fast(q, k, LAYOUT, 0.5, means=(short, short))
+    with pytest.raises(ValueError, match="block means must be float32"):
+        TRITON.mask_from_means(short, short, LAYOUT, MaskSpec(0.5))
+
+
+def test_threshold_near_zero_keeps_each_rows_largest_block() -> None:
+    """For a threshold of ~1e-9 the float32 cut rounds to 1.0 and a row's float32 total can fall
+    short of it; with exact sums the largest block always reaches the cut, so it is kept (both builders)."""
+    q, k = _qk(8)
+    for threshold in (1e-9, 1e-30):
+        fast, eager = _fast(q, k, threshold), nabla_mask_tiled(q, k, LAYOUT, threshold)
+        nv = LAYOUT.num_video_blocks
+        assert torch.equal(fast.kept, eager.kept)
+        assert (fast.kept[..., :nv, :nv].sum(-1) >= 1).all(), "every video row keeps at least one block"
+        qa, ka = pool_blocks(q, LAYOUT, nv), pool_blocks(k, LAYOUT, nv)
+        best = (qa @ ka.transpose(-1, -2)).argmax(-1)
+        assert fast.kept[..., :nv, :nv].gather(-1, best[..., None]).all()
 
 
 @pytest.mark.parametrize("query_block", [64, 128])
 def test_means_from_tiling_give_the_same_mask(query_block: int) -> None:
-    """The tiling kernel's block means (``tile_pooled`` on the GPU) are the pooling kernel's bits, so
-    the mask is the same table; ``nabla_attention`` on natural-order inputs uses them."""
+    """The tiling kernel's block means are the pooling kernel's bits, so the mask is the same table;
+    ``nabla_attention`` on natural-order inputs uses them."""
     from nabla_attn import nabla_attention
-    from nabla_attn.grid import _TileRows
-    from nabla_attn.kernels.mask_build import build_nabla_mask_fast, pool_blocks_pair
+    from nabla_attn.kernels.mask_build import pool_pair
 
     g = torch.Generator().manual_seed(21)
     B, H, D = 2, 3, 32
     # [B, H, S, D] views of [B, S, H, D] memory, as diffusers hands q and k over.
     q, k, v = (torch.randn(B, LAYOUT.seq_len, H, D, generator=g).to(DEVICE).transpose(1, 2) for _ in range(3))
     nv = LAYOUT.num_video_blocks
-    means = [torch.empty(B, H, nv, D, dtype=torch.float32, device=DEVICE) for _ in range(2)]
-    qt, kt = (_TileRows.apply(x, LAYOUT, m) for x, m in zip((q, k), means))
+    (qt, qa), (kt, ka) = TRITON.tile(q, LAYOUT, pool=True), TRITON.tile(k, LAYOUT, pool=True)
+    assert qa is not None and ka is not None
     assert torch.equal(qt.cpu(), tile(q.cpu(), LAYOUT)) and torch.equal(kt.cpu(), tile(k.cpu(), LAYOUT))
-    want = pool_blocks_pair(qt, kt, LAYOUT, nv)
-    assert torch.equal(means[0], want[0]) and torch.equal(means[1], want[1])
-    with_means = build_nabla_mask_fast(qt, kt, LAYOUT, 0.6, query_block=query_block, means=tuple(means))
-    plain = build_nabla_mask_fast(qt, kt, LAYOUT, 0.6, query_block=query_block)
+    want = pool_pair(qt, kt, LAYOUT.block_counts(DEVICE), nv)
+    assert torch.equal(qa, want[0]) and torch.equal(ka, want[1])
+    spec = MaskSpec(0.6, None, query_block)
+    with_means = TRITON.build_mask(qt, kt, LAYOUT, spec, (qa, ka))[0]
+    plain = TRITON.build_mask(qt, kt, LAYOUT, spec)[0]
     assert torch.equal(with_means.kept, plain.kept)
-    _, used = nabla_attention(q, k, v, LAYOUT.grid, 0.6, text_tokens=7, backend="reference",
+    _, used = nabla_attention(q, k, v, LAYOUT.grid, 0.6, text_tokens=7, backend="triton",
                               query_block=query_block, return_mask=True)
-    assert torch.equal(used.kept, nabla_mask_tiled(qt, kt, LAYOUT, 0.6, query_block=query_block).kept)
+    assert torch.equal(used.kept, plain.kept)

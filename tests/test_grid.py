@@ -52,10 +52,16 @@ def test_tile_rejects_wrong_length():
         untile(torch.randn(1, 1, 100, 4), lay)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
-def test_grid_rejects_bad_sizes(bad):
-    with pytest.raises(ValueError, match="VideoGrid.height"):
+@pytest.mark.parametrize("bad,error", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_grid_rejects_bad_sizes(bad, error):
+    with pytest.raises(error, match="VideoGrid.height"):
         VideoGrid(1, bad, 8)
+
+
+def test_grid_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    grid = VideoGrid(np.int64(2), np.int32(9), 13)
+    assert grid == VideoGrid(2, 9, 13) and type(grid.frames) is int
 
 
 def test_layout_rejects_bad_text():

@@ -10,8 +10,10 @@ from triton_interpret import DEVICE, only_in_process, rerun_in_fresh_process
 
 pytest.importorskip("triton")
 
-from nabla_attn import TokenLayout, VideoGrid, tile, untile  # noqa: E402
-from nabla_attn.grid import _TileRows, _UntileRows  # noqa: E402
+from nabla_attn import TokenLayout, VideoGrid, backends  # noqa: E402
+from nabla_attn.grid import tile, untile  # noqa: E402  (the eager definitions)
+
+KERNEL = backends.get("triton")  # tiles with the row-permutation kernel (here: the interpreter)
 
 _only_in_process = only_in_process  # autouse fixture, see triton_interpret.py
 
@@ -32,22 +34,26 @@ def _bshd(B: int, H: int, D: int, seed: int) -> torch.Tensor:
 def test_tile_untile_kernel_matches_index_select(D: int) -> None:
     x = _bshd(2, 3, D, seed=D)
     want = tile(x.cpu(), LAYOUT)  # the index_select path
-    got = _TileRows.apply(x, LAYOUT)
+    got, _ = KERNEL.tile(x, LAYOUT)
     assert got.is_contiguous() and torch.equal(got.cpu(), want)
-    back = _UntileRows.apply(got, LAYOUT, x)
+    back = KERNEL.untile(got, LAYOUT, like=x)
     assert back.stride() == x.stride(), "untile writes into the layout of `like`"
     assert torch.equal(back, x)
-    assert torch.equal(_UntileRows.apply(got, LAYOUT, None), x.contiguous())
-    # 3-D [B, S, C] (hidden states) too.
+    assert torch.equal(KERNEL.untile(got, LAYOUT), x.contiguous())
+    # 3-D [B, S, C] (hidden states), and the token axis elsewhere ([B, S, 6, C] modulation, dim 1).
     h = x.transpose(1, 2).flatten(2)
-    assert torch.equal(_TileRows.apply(h, LAYOUT).cpu(), tile(h.cpu(), LAYOUT))
+    assert torch.equal(KERNEL.tile(h, LAYOUT)[0].cpu(), tile(h.cpu(), LAYOUT))
+    m = x.transpose(1, 2).contiguous()
+    tiled = KERNEL.tile(m, LAYOUT, dim=1)[0]
+    assert tiled.is_contiguous() and torch.equal(tiled.cpu(), tile(m.cpu(), LAYOUT, dim=1))
+    assert torch.equal(KERNEL.untile(tiled, LAYOUT, dim=1), m)
 
 
 def test_tile_untile_kernel_gradients() -> None:
     x = _bshd(1, 2, 16, seed=3).detach().requires_grad_()
-    t = _TileRows.apply(x, LAYOUT)
+    t, _ = KERNEL.tile(x, LAYOUT)
     w = torch.randn_like(t)
-    u = _UntileRows.apply(t * w, LAYOUT, None)
+    u = KERNEL.untile(t * w, LAYOUT)
     g = torch.randn_like(u)
     u.backward(g)
     x2 = x.detach().clone().requires_grad_()

@@ -1,7 +1,8 @@
 """Our Triton block-sparse attention kernel, forward and backward, against a float64 reference.
 
 On the CPU the kernels run through Triton's interpreter at small, odd sizes (3x13x22 video tokens +
-7 text tokens: ragged edge tiles, a partial text block, an odd number of 64-blocks).
+7 text tokens: ragged edge tiles, a partial text block, an odd number of 64-blocks). The Hopper-only
+paths (the Gluon forward, bf16) are tested on the GPU (tests/gpu/, scripts/test_gpu.sh).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from triton_interpret import DEVICE, only_in_process, rerun_in_fresh_process
 
 pytest.importorskip("triton")
 
-from nabla_attn import TokenLayout, VideoGrid, nabla_attention, tile  # noqa: E402
+from nabla_attn import TokenLayout, VideoGrid, backends, nabla_attention, tile  # noqa: E402
 from nabla_attn.backends.reference import reference_attention  # noqa: E402
+from nabla_attn.backends.triton import KernelConfig, ws_eligible  # noqa: E402
 from nabla_attn.masks import BlockSparseMask  # noqa: E402
 
 LAYOUT = TokenLayout(VideoGrid(3, 13, 22), 7)
 GRID = LAYOUT.grid
+TRITON = backends.get("triton")
 
 
 def test_in_fresh_process_when_triton_was_imported_first() -> None:
@@ -51,35 +54,27 @@ def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x - y).norm() / y.norm())
 
 
+def _attention(q, k, v, mask, scale, cfg=None):  # type: ignore[no-untyped-def]
+    return TRITON.attention(q, k, v, mask, None, scale, config=cfg)
+
+
+# Every launch path: pointer or descriptor (TMA) loads in the forward and in the backward, both tables.
 CONFIGS = {
-    "q128": (128, {"tma": False, "bwd_tma": False}),
-    "q128_pair_bwd128": (128, {"pair": True, "bwd_tile_m": 128}),
-    "q64_tile64": (64, {"tile_m_for_64": 64}),
-    "q64_tile128_submask_bwd128": (64, {"tile_m_for_64": 128, "bwd_tile_m": 128}),
-    "q64_tma": (64, {"tma": True, "tile_m_for_64": 128}),
-    "q64_prefetch": (64, {"prefetch": True, "tma": False}),
-    "q64_tma_prefetch": (64, {"prefetch": True}),
-    "q128_prefetch_nofold": (128, {"prefetch": True, "fold": False, "tma": False}),
-    "q128_tma_nofold": (128, {"fold": False}),
-    "q64_tma_pad_branch": (64, {"pad_branch": True}),
-    "q64_tma_lazy": (64, {"lazy_rescale": True}),
-    "q128_lazy_pair": (128, {"lazy_rescale": True, "pair": True}),
-    "q64_tile128_submask_lazy_prefetch": (64, {"tile_m_for_64": 128, "lazy_rescale": True, "prefetch": True}),
-    "q64_tile128_submask_prefetch": (64, {"tile_m_for_64": 128, "prefetch": True, "tma": False}),
-    "q64_tile128_submask_tma_prefetch": (64, {"tile_m_for_64": 128, "prefetch": True}),
+    "q64_tma": (64, KernelConfig()),
+    "q64_pointer": (64, KernelConfig(tma=False, bwd_tma=False)),
+    "q128_tma": (128, KernelConfig()),
+    "q128_pointer_8warps": (128, KernelConfig(tma=False, bwd_tma=False, fwd_warps=8, fwd_stages=3)),
 }
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_forward_backward_matches_float64(name: str) -> None:
-    from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
-
     query_block, cfg = CONFIGS[name]
-    B, H, D = (2, 1, 32) if name != "q128" else (1, 2, 16)
+    B, H, D = (2, 1, 32) if query_block == 64 else (1, 2, 16)
     q, k, v = _inputs(B, H, D, seed=len(name))
     mask = _random_mask(B, H, query_block, seed=3)
     a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
-    out = triton_attention(a, b, c, mask, 0.3, KernelConfig(**cfg))
+    out = _attention(a, b, c, mask, 0.3, cfg)
     grad = torch.randn_like(out)
     out.backward(grad)
     a64, b64, c64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -94,24 +89,20 @@ def test_forward_backward_matches_float64(name: str) -> None:
 
 
 @pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("scale", [0.3, -0.2, 40.0])
-def test_whole_blocks_and_negative_scale(tma: bool, prefetch: bool, lazy: bool, scale: float) -> None:
+def test_whole_blocks_and_negative_scale(tma: bool, scale: float) -> None:
     """A grid of whole 8x8 tiles has no padding slot, so the kernel skips the validity mask; a
     negative scale cannot fold into exp2 (the row max of the scaled scores is then a min); a large
-    scale makes row maxima jump past float32 range mid-list unless lazy rescaling rescales."""
-    from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
-
+    scale makes row maxima jump far mid-list."""
     layout = TokenLayout(VideoGrid(3, 8, 16), 0)
-    assert layout.tiled_len == layout.seq_len
+    assert not layout.padded
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, layout.seq_len, 32, generator=g).to(DEVICE) for _ in range(3))
     kept = torch.rand(1, 2, layout.num_blocks, layout.num_blocks, generator=g) < 0.5
     kept[0, 1, 0] = False
     mask = BlockSparseMask(kept.to(DEVICE), layout, 64)
     a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
-    out = triton_attention(a, b, c, mask, scale, KernelConfig(prefetch=prefetch, tma=tma, lazy_rescale=lazy))
+    out = _attention(a, b, c, mask, scale, KernelConfig(tma=tma, bwd_tma=tma))
     grad = torch.randn_like(out)
     out.backward(grad)
     a64, b64, c64 = (x.double().requires_grad_() for x in (q, k, v))
@@ -125,25 +116,20 @@ def test_whole_blocks_and_negative_scale(tma: bool, prefetch: bool, lazy: bool, 
 
 
 def test_broadcast_head_mask_and_batch() -> None:
-    from nabla_attn.backends.triton_kernel import triton_attention
-
     q, k, v = _inputs(2, 2, 16, seed=11)
     mask = _random_mask(2, 1, 128, seed=4)  # one table per batch entry, shared by the heads
-    out = triton_attention(q, k, v, mask, 0.25)
+    out = _attention(q, k, v, mask, 0.25)
     ref = reference_attention(q.double(), k.double(), v.double(), mask, 0.25)
     assert _rel(out, ref) < 2e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_error_within_twice_pytorch(dtype: torch.dtype) -> None:
-    """Flash-attention rule: our fp16/bf16 error <= 2x PyTorch's own masked attention error in that dtype."""
-    from nabla_attn.backends.triton_kernel import KernelConfig, triton_attention
-
-    if dtype == torch.bfloat16 and DEVICE == "cpu":
-        pytest.skip("Triton's interpreter has no bfloat16 arithmetic (numpy): bf16 runs on the GPU only")
+def test_half_precision_error_within_twice_pytorch() -> None:
+    """Flash-attention rule in float16: our error <= 2x PyTorch's own masked attention error in that
+    dtype, against float64 (bf16, which the interpreter cannot compute, runs in tests/gpu)."""
+    dtype = torch.float16
     q, k, v = _inputs(1, 2, 32, seed=12, dtype=dtype)
     mask = _random_mask(1, 2, 64, seed=5)
-    out = triton_attention(q, k, v, mask, 1 / math.sqrt(32), KernelConfig())
+    out = _attention(q, k, v, mask, 1 / math.sqrt(32))
     ref = reference_attention(q.double(), k.double(), v.double(), mask, 1 / math.sqrt(32))
     # PyTorch's attention on the same masked problem in the same dtype, token mask from the table.
     kept = mask.kept[0].repeat_interleave(64, 1).repeat_interleave(64, 2) & LAYOUT.valid_tokens(DEVICE)
@@ -155,6 +141,7 @@ def test_half_precision_error_within_twice_pytorch(dtype: torch.dtype) -> None:
     err = (out.double() - ref)[..., valid, :].abs().max()
     err_torch = (torch_lowp.double() - ref)[..., valid, :].abs().max()
     assert torch.isfinite(out).all()
+    assert err_torch > 0, "the low-precision reference must differ from float64 for the rule to mean anything"
     assert err <= 2 * err_torch, (float(err), float(err_torch))
 
 
@@ -167,99 +154,61 @@ def test_nabla_attention_triton_backend_end_to_end() -> None:
     assert float((out.double() - ref).norm() / ref.norm()) < 2e-5
 
 
-def test_check_supported_reasons() -> None:
-    from nabla_attn.backends.triton_kernel import check_supported
+def test_edited_mask_is_never_stale() -> None:
+    """Nothing is cached on a mask: editing ``kept`` in place changes the next call's result."""
+    q, k, v = _inputs(1, 1, 16, seed=15)
+    mask = _random_mask(1, 1, 64, seed=7)
+    before = _attention(q, k, v, mask, 0.25)
+    mask.kept[0, 0, 3] = ~mask.kept[0, 0, 3]
+    after = _attention(q, k, v, mask, 0.25)
+    ref = reference_attention(q.double(), k.double(), v.double(), mask, 0.25)
+    assert _rel(after, ref) < 2e-5 and _rel(before, ref) > 1e-3
 
-    assert check_supported(torch.zeros(1, 1, 64, 32, device=DEVICE)) is None
-    assert "dtype" in check_supported(torch.zeros(1, 1, 64, 32, device=DEVICE, dtype=torch.float64))
-    assert "head_dim 48" in check_supported(torch.zeros(1, 1, 64, 48, device=DEVICE))
+
+def test_unsupported_reasons() -> None:
+    from nabla_attn.backends import Request
+
+    def req(dtype=torch.float32, D=32, Dv=32):  # type: ignore[no-untyped-def]
+        return Request(torch.device(DEVICE), dtype, D, Dv, False, 64)
+
+    assert TRITON.unsupported(req()) is None
+    assert "dtype" in TRITON.unsupported(req(torch.float64))
+    assert "head_dim 48" in TRITON.unsupported(req(D=48, Dv=48))
+    assert "v head_dim 16 != q head_dim 32" in TRITON.unsupported(req(Dv=16))
 
 
 def test_rejects_mismatched_mask() -> None:
-    from nabla_attn.backends.triton_kernel import triton_attention
-
     q, k, v = _inputs(1, 3, 16, seed=14)
     with pytest.raises(ValueError, match="batch x heads"):
-        triton_attention(q, k, v, _random_mask(1, 2, 64, seed=6), 0.25)
-
-
-def _on_hopper() -> bool:
-    return DEVICE != "cpu" and torch.cuda.get_device_capability() == (9, 0)
-
-
-@pytest.mark.skipif(not _on_hopper(), reason="the warp-specialised Gluon kernel runs on sm_90 GPUs only")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("grid,text", [((3, 13, 22), 7), ((3, 8, 16), 0), ((5, 9, 15), 0)])
-@pytest.mark.parametrize("pair", [False, True])
-def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, int, int], text: int,
-                                  pair: bool) -> None:
-    """The Gluon forward against float64 (flash-attention rule) and, through its log-sum-exp, the
-    backward. Grids: 19 blocks (the last 128-row tile has a half past the end) with padding and a
-    text block; whole 8x8 tiles (no per-score mask); padded and even. ``pair``: 128-key steps
-    (odd lists end on a half step)."""
-    from nabla_attn.backends.triton_kernel import KernelConfig, _warp_specialized, triton_attention
-
-    layout = TokenLayout(VideoGrid(*grid), text)
-    B, H, scale = 2, 3, 1 / math.sqrt(D)
-    g = torch.Generator().manual_seed(D + text)
-    q, k, v = (tile(torch.randn(B, H, layout.seq_len, D, generator=g), layout).to(DEVICE, dtype) for _ in range(3))
-    nq = -(-layout.num_blocks // 2)
-    kept = torch.rand(B, H, nq, layout.num_blocks, generator=g) < 0.4
-    kept[0, 0, 1] = False  # an empty row: output exactly 0
-    kept[1, 2, 0] = True  # a full row
-    kept[0, 1, :, 0] = False  # long lists and a row keeping only its last block
-    kept[0, 1, 0, :-1] = False
-    kept[0, 1, 0, -1] = True
-    mask = BlockSparseMask(kept.to(DEVICE), layout, 128)
-    ws = KernelConfig(warp_specialized=True, ws_pair=pair, ws_stages=2 if pair else 4)
-    assert _warp_specialized(q, mask, scale, ws)
-
-    grads = {}
-    for name, cfg in (("ws", ws), ("triton", KernelConfig())):
-        a, b, c = (x.clone().requires_grad_() for x in (q, k, v))
-        out = triton_attention(a, b, c, mask, scale, cfg)
-        out.backward(torch.ones_like(out))
-        grads[name] = (out.detach(), a.grad, b.grad, c.grad)
-    a64, b64, c64 = (x.double().requires_grad_() for x in (q, k, v))
-    ref = reference_attention(a64, b64, c64, mask, scale)
-    ref.backward(torch.ones_like(ref))
-
-    valid = layout.valid_tokens(DEVICE)
-    kept_tok = mask.kept.repeat_interleave(128, 2)[:, :, : layout.tiled_len].repeat_interleave(64, 3) & valid
-    has = kept_tok.any(-1, keepdim=True)
-    s = (q @ k.transpose(-1, -2)) * scale  # PyTorch's own low-precision scores
-    p = torch.softmax(s.float().masked_fill(~kept_tok, float("-inf")), -1).nan_to_num(0.0).to(dtype)
-    torch_lowp = torch.where(has, p @ v, torch.zeros_like(v))
-    out = grads["ws"][0]
-    err = (out.double() - ref)[..., valid, :].abs().max()
-    err_torch = (torch_lowp.double() - ref)[..., valid, :].abs().max()
-    assert torch.isfinite(out).all()
-    assert err <= 2 * err_torch, (float(err), float(err_torch))
-    assert out[0, 0, 128:256].abs().max() == 0
-    # The backward reads the forward's output and log-sum-exp: the gradients must be as good as
-    # those from the Triton forward.
-    for i, want in ((1, a64.grad), (2, b64.grad), (3, c64.grad)):
-        e_ws, e_tr = ((grads[n][i].double() - want)[..., valid, :].norm() / want[..., valid, :].norm() for n in grads)
-        assert e_ws <= 1.5 * e_tr + 1e-3, (i, float(e_ws), float(e_tr))
+        nabla_attention(q, k, v, GRID, text_tokens=7, token_order="tiled", backend="triton",
+                        mask=_random_mask(1, 2, 64, seed=6))
 
 
 def test_warp_specialized_only_where_it_runs() -> None:
-    """The Gluon forward serves Hopper, 128-row tables, fp16/bf16, head_dim 64/128 and a positive
-    scale; everything else runs the Triton kernel. A slot ring that does not fit is an error."""
-    from nabla_attn.backends.triton_kernel import KernelConfig, _warp_specialized, _ws_forward
+    """The Gluon forward serves sm_90, 128-row tables, fp16/bf16, head_dim 64/128 and a positive
+    scale; everything else runs the Triton kernel. Each condition alone turns it off."""
+    on = KernelConfig()
+    hopper = (9, 0)
+    assert ws_eligible(torch.bfloat16, 128, 128, 0.1, hopper, on)
+    assert ws_eligible(torch.float16, 64, 128, 0.1, hopper, on)
+    assert not ws_eligible(torch.bfloat16, 128, 64, 0.1, hopper, on)
+    assert not ws_eligible(torch.bfloat16, 128, 128, -0.1, hopper, on)
+    assert not ws_eligible(torch.float32, 128, 128, 0.1, hopper, on)
+    assert not ws_eligible(torch.bfloat16, 32, 128, 0.1, hopper, on)
+    assert not ws_eligible(torch.bfloat16, 128, 128, 0.1, (8, 0), on)
+    assert not ws_eligible(torch.bfloat16, 128, 128, 0.1, (10, 0), on)
+    assert not ws_eligible(torch.bfloat16, 128, 128, 0.1, hopper, KernelConfig(warp_specialized=False))
 
-    q = torch.zeros(1, 1, LAYOUT.tiled_len, 64, device=DEVICE, dtype=torch.float16)
-    ws = KernelConfig()
-    assert ws.warp_specialized
-    m128, m64 = _random_mask(1, 1, 128, seed=1), _random_mask(1, 1, 64, seed=1)
-    if DEVICE == "cpu":
-        assert not _warp_specialized(q, m128, 0.1, ws)
-    assert not _warp_specialized(q, m64, 0.1, ws)
-    assert not _warp_specialized(q, m128, -0.1, ws)
-    assert not _warp_specialized(q.float(), m128, 0.1, ws)
-    assert not _warp_specialized(q[..., :32], m128, 0.1, ws)
-    assert not _warp_specialized(q, m128, 0.1, KernelConfig(warp_specialized=False))
+
+def test_warp_specialized_rejects_a_ring_that_does_not_fit() -> None:
+    from nabla_attn.kernels import attention_ws
+
     big = torch.zeros(1, 1, 128, 128, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="ws_stages=4 with ws_pair=True needs 288 KiB"):
-        _ws_forward(big, big, big, big, big, big, big, big, False, 0.1, KernelConfig(ws_stages=4))
+    with pytest.raises(ValueError, match="4 stages needs 288 KiB"):
+        attention_ws.forward(big, big, big, big, big, big, 0.1, padded=False, stages=4)
+    assert attention_ws.smem_bytes(3, 128, 2) <= attention_ws.SMEM_BYTES
+
+
+def test_kernel_config_round_trip() -> None:
+    cfg = KernelConfig(tma=False, ws_stages=2, dq_warps=8)
+    assert KernelConfig.decode(cfg.encode()) == cfg

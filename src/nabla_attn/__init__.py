@@ -1,17 +1,20 @@
 """nabla-attn: Neighborhood Adaptive Block-Level Attention (NABLA) for video diffusion transformers."""
 
-from .attention import nabla_attention, select_backend
-from .grid import BLOCK_TOKENS, TokenLayout, VideoGrid, tile, untile
-from .masks import BlockSparseMask, cdf_keep, nabla_mask, nabla_mask_tiled, sta_mask
+from .attention import mask_from_means, nabla_attention, nabla_mask, nabla_mask_tiled, select_backend, tile, untile
+from .constants import BLOCK_TOKENS
+from .grid import TokenLayout, VideoGrid
+from .masks import BlockSparseMask, MaskSpec, cdf_keep, sta_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_TOKENS",
     "BlockSparseMask",
+    "MaskSpec",
     "TokenLayout",
     "VideoGrid",
     "cdf_keep",
+    "mask_from_means",
     "nabla_attention",
     "nabla_mask",
     "nabla_mask_tiled",

@@ -11,7 +11,6 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nabla_attn.demo.cli", "generate a clip with the bundled video DiT, dense vs NABLA, and compare"),
     "example": ("nabla_attn.example", "run the op once on this device: kept density, error vs dense, time"),
-    "bench": ("nabla_attn.bench", "GPU benchmark sweep of NABLA attention vs cuDNN dense (table + JSON)"),
 }
 
 

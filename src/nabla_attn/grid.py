@@ -1,14 +1,15 @@
 """Video token grids and the permutation between natural and tiled token order.
 
 A video DiT emits its tokens frame-major, ``(t, h, w)``. NABLA groups them into blocks of one
-frame x an 8x8 spatial tile. The *tiled* layout puts every block in a slot of exactly
+frame x an 8x8 spatial tile. The *tiled* order puts every block in a slot of exactly
 ``BLOCK_TOKENS = 64`` positions: the tile's tokens first (row-major inside the tile), padding after.
 Edge tiles of grids whose height or width is not a multiple of 8 are smaller, so their slots hold
 padding. Text tokens (if any) form extra blocks after the video blocks, whatever their position in
 the natural sequence.
 
 Padding positions are zeros on the way in, never enter a mean, a softmax or an output, and are
-dropped on the way out. Every backend reads the same :class:`TokenLayout`.
+dropped on the way out. :func:`tile` and :func:`untile` here are the eager definitions (index
+gathers); the GPU kernel that backends use computes the same permutation.
 """
 
 from __future__ import annotations
@@ -19,16 +20,12 @@ from typing import Literal
 
 import torch
 
-TILE = 8
-BLOCK_TOKENS = TILE * TILE
+from .cache import DeviceCache
+from .constants import BLOCK_TOKENS, TILE
+from .validation import as_choice, as_int
 
 TextPosition = Literal["end", "start"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+LayoutKey = tuple[int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -40,9 +37,8 @@ class VideoGrid:
     width: int
 
     def __post_init__(self) -> None:
-        _positive_int("VideoGrid.frames", self.frames)
-        _positive_int("VideoGrid.height", self.height)
-        _positive_int("VideoGrid.width", self.width)
+        for name in ("frames", "height", "width"):
+            object.__setattr__(self, name, as_int(f"VideoGrid.{name}", getattr(self, name), 1))
 
     @property
     def num_tokens(self) -> int:
@@ -80,11 +76,9 @@ class TokenLayout:
 
     def __post_init__(self) -> None:
         if not isinstance(self.grid, VideoGrid):
-            raise TypeError(f"grid must be a VideoGrid, got {type(self.grid).__name__}")
-        if isinstance(self.text_tokens, bool) or not isinstance(self.text_tokens, int) or self.text_tokens < 0:
-            raise ValueError(f"text_tokens must be an integer >= 0, got {self.text_tokens!r}")
-        if self.text_position not in ("end", "start"):
-            raise ValueError(f"text_position must be 'end' or 'start', got {self.text_position!r}")
+            raise TypeError(f"grid must be a nabla_attn.VideoGrid, got {type(self.grid).__name__}")
+        object.__setattr__(self, "text_tokens", as_int("text_tokens", self.text_tokens, 0))
+        as_choice("text_position", self.text_position, ("end", "start"))
 
     @property
     def seq_len(self) -> int:
@@ -108,25 +102,53 @@ class TokenLayout:
         """Length of the tiled sequence (``num_blocks * 64``, padding included)."""
         return self.num_blocks * BLOCK_TOKENS
 
+    @property
+    def padded(self) -> bool:
+        """Some block holds padding slots (an edge tile or a partial text block)."""
+        return self.tiled_len != self.seq_len
+
+    @property
+    def key(self) -> LayoutKey:
+        """The layout as five ints (frames, height, width, text tokens, text first), e.g. for custom ops."""
+        g = self.grid
+        return (g.frames, g.height, g.width, self.text_tokens, int(self.text_position == "start"))
+
+    @staticmethod
+    def from_key(key: "LayoutKey | list[int]") -> "TokenLayout":
+        f, h, w, text, start = key
+        return TokenLayout(VideoGrid(f, h, w), text, "start" if start else "end")
+
+    def describe(self) -> str:
+        g = self.grid
+        return f"{g.frames}x{g.height}x{g.width} = {g.num_tokens} video tokens + {self.text_tokens} text tokens"
+
     def block_counts(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Valid tokens in each block, int32 ``[num_blocks]`` (64 except at edges and the last text block)."""
-        return _block_counts(self).to(device)
+        return self.table("counts", device)
 
     def gather_index(self, device: torch.device | str | None = None) -> torch.Tensor:
         """For each tiled position, its natural index, or ``seq_len`` for padding (int64 ``[tiled_len]``)."""
-        return _gather_index(self).to(device)
+        return self.table("gather", device)
 
     def scatter_index(self, device: torch.device | str | None = None) -> torch.Tensor:
         """For each natural token, its tiled position (int64 ``[seq_len]``)."""
-        return _scatter_index(self).to(device)
+        return self.table("scatter", device)
 
     def valid_tokens(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Bool ``[tiled_len]``: True where a tiled position holds a real token."""
-        return (_gather_index(self) < self.seq_len).to(device)
+        return self.table("valid", device)
+
+    def table(self, kind: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """One of the layout's index tables (see ``TABLES``), cached per device."""
+        make = TABLES[kind]
+        if device is None:
+            return make(self)
+        return _ON_DEVICE.get((self, kind), device, lambda: make(self).to(device))
 
 
+# --------------------------------------------------------------------------------- index tables
 @functools.lru_cache(maxsize=64)
-def _gather_index(layout: TokenLayout) -> torch.Tensor:
+def _gather(layout: TokenLayout) -> torch.Tensor:
     g = layout.grid
     T, H, W = g.frames, g.height, g.width
     pad = layout.seq_len
@@ -157,181 +179,90 @@ def _gather_index(layout: TokenLayout) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _scatter_index(layout: TokenLayout) -> torch.Tensor:
-    gather = _gather_index(layout)
+def _scatter(layout: TokenLayout) -> torch.Tensor:
+    gather = _gather(layout)
     positions = torch.nonzero(gather < layout.seq_len).squeeze(1)
     out = torch.empty(layout.seq_len, dtype=torch.int64)
     out[gather[positions]] = positions
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _block_counts(layout: TokenLayout) -> torch.Tensor:
-    valid = _gather_index(layout) < layout.seq_len
-    return valid.view(layout.num_blocks, BLOCK_TOKENS).sum(1).to(torch.int32)
+def _valid(layout: TokenLayout) -> torch.Tensor:
+    return _gather(layout) < layout.seq_len
 
 
-_device_cache: dict[tuple[TokenLayout, str, str], torch.Tensor] = {}
+def _counts(layout: TokenLayout) -> torch.Tensor:
+    return _valid(layout).view(layout.num_blocks, BLOCK_TOKENS).sum(1).to(torch.int32)
 
 
-@functools.lru_cache(maxsize=64)
 def _gather_source(layout: TokenLayout) -> torch.Tensor:
     """The gather index with padding slots pointing at token 0 (they are zeroed after the gather)."""
-    gather = _gather_index(layout)
+    gather = _gather(layout)
     return torch.where(gather < layout.seq_len, gather, torch.zeros_like(gather))
 
 
-@functools.lru_cache(maxsize=64)
-def _padding_slots(layout: TokenLayout) -> torch.Tensor:
-    return torch.nonzero(_gather_index(layout) >= layout.seq_len).squeeze(1)
+def _padding(layout: TokenLayout) -> torch.Tensor:
+    return torch.nonzero(_gather(layout) >= layout.seq_len).squeeze(1)
 
 
-@functools.lru_cache(maxsize=64)
 def _tile_rows(layout: TokenLayout) -> torch.Tensor:
     """int32 gather index for the GPU permutation kernel: padding slots are -1 (zero rows)."""
-    gather = _gather_index(layout)
+    gather = _gather(layout)
     return torch.where(gather < layout.seq_len, gather, torch.full_like(gather, -1)).to(torch.int32)
 
 
-@functools.lru_cache(maxsize=64)
 def _untile_rows(layout: TokenLayout) -> torch.Tensor:
-    return _scatter_index(layout).to(torch.int32)
+    return _scatter(layout).to(torch.int32)
 
 
-_SOURCES = {
+TABLES = {
+    "gather": _gather,
+    "scatter": _scatter,
+    "valid": _valid,
+    "counts": _counts,
+    "gather_source": _gather_source,
+    "padding": _padding,
     "tile_rows": _tile_rows,
     "untile_rows": _untile_rows,
-    "gather": _gather_index,
-    "gather_source": _gather_source,
-    "padding": _padding_slots,
-    "scatter": _scatter_index,
-    "counts": _block_counts,
 }
+_ON_DEVICE: DeviceCache[torch.Tensor] = DeviceCache(256)
 
 
-def _on_device(kind: str, layout: TokenLayout, device: torch.device) -> torch.Tensor:
-    key = (layout, kind, str(device))
-    cached = _device_cache.get(key)
-    if cached is None:
-        cached = _SOURCES[kind](layout).to(device)
-        if len(_device_cache) > 256:
-            _device_cache.clear()
-        _device_cache[key] = cached
-    return cached
-
-
-def tile(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Natural order ``[..., seq_len, D]`` -> tiled order ``[..., tiled_len, D]`` (padding = 0).
-
-    Differentiable. ``dim=-2`` is the token axis, so both ``[B, H, S, D]`` and ``[B, S, C]`` work;
-    a strided input (e.g. ``[B, S, H, D]`` transposed) is read in place, without a copy first.
-    The result is contiguous.
-    """
-    if x.shape[-2] != layout.seq_len:
+# ------------------------------------------------------------------------------ tile / untile
+def _token_dim(x: torch.Tensor, dim: int, expect: int, what: str, layout: TokenLayout) -> int:
+    d = dim % x.dim() if x.dim() else 0
+    if x.dim() == 0 or x.shape[d] != expect:
         raise ValueError(
-            f"tile: sequence length {x.shape[-2]} does not match the layout's {layout.seq_len} "
-            f"({layout.grid.frames}x{layout.grid.height}x{layout.grid.width} video + {layout.text_tokens} text)"
+            f"{what}: sequence length {x.shape[d] if x.dim() else None} along dim {dim} does not match the layout's "
+            f"{expect} ({layout.describe()})"
         )
-    if _gpu_permute(x):
-        return _TileRows.apply(x, layout)
-    # One gather pass, then zero the (few) padding slots in place.
-    out = x.index_select(-2, _on_device("gather_source", layout, x.device))
-    if layout.tiled_len != layout.seq_len:
-        out.index_fill_(-2, _on_device("padding", layout, x.device), 0)
+    return d
+
+
+def tile(x: torch.Tensor, layout: TokenLayout, dim: int = -2) -> torch.Tensor:
+    """Natural order -> tiled order along ``dim`` (``seq_len`` -> ``tiled_len`` tokens, padding = 0).
+
+    Differentiable; the result is contiguous. ``dim=-2`` serves ``[B, H, S, D]`` and ``[B, S, C]``.
+    """
+    d = _token_dim(x, dim, layout.seq_len, "tile", layout)
+    out = x.index_select(d, layout.table("gather_source", x.device))
+    if layout.padded:
+        out.index_fill_(d, layout.table("padding", x.device), 0)
     return out
 
 
-def tile_pooled(x: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`tile`, plus NABLA's float32 video-block means ``[B, H, num_video_blocks, D]`` of ``x``
-    (``[B, H, S, D]``) computed by the same pass, where the GPU permutation kernel runs (CUDA, a
-    power-of-two head_dim); elsewhere the means are None and the mask builder pools by itself.
-    The means are the same bits as the builder's own pooling of the tiled tensor.
-    """
-    nv = layout.num_video_blocks
-    # (A wrong sequence length goes to tile, which names it.)
-    if not (_gpu_permute(x) and x.dim() == 4 and nv > 0 and x.shape[-2] == layout.seq_len):
-        return tile(x, layout), None
-    from .kernels.mask_build import poolable
-
-    if not poolable(x):
-        return tile(x, layout), None
-    means = torch.empty(x.shape[0], x.shape[1], nv, x.shape[-1], dtype=torch.float32, device=x.device)
-    return _TileRows.apply(x, layout, means), means
-
-
-def untile(x: torch.Tensor, layout: TokenLayout, *, like: torch.Tensor | None = None) -> torch.Tensor:
-    """Tiled order ``[..., tiled_len, D]`` -> natural order ``[..., seq_len, D]`` (padding dropped).
+def untile(x: torch.Tensor, layout: TokenLayout, dim: int = -2, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Tiled order -> natural order along ``dim`` (padding dropped).
 
     ``like``: a natural-order tensor of the result's shape whose memory layout the result takes
     (``torch.empty_like``), e.g. q in ``[B, S, H, D]`` memory viewed as ``[B, H, S, D]``, so a
     caller that transposes back gets a free view instead of a copy.
     """
-    if x.shape[-2] != layout.tiled_len:
-        raise ValueError(f"untile: expected {layout.tiled_len} tiled tokens, got {x.shape[-2]}")
-    shape = (*x.shape[:-2], layout.seq_len, x.shape[-1])
+    d = _token_dim(x, dim, layout.tiled_len, "untile", layout)
+    shape = (*x.shape[:d], layout.seq_len, *x.shape[d + 1 :])
     if like is not None and tuple(like.shape) != shape:
         raise ValueError(f"untile: like has shape {tuple(like.shape)}, the result has {shape}")
-    if _gpu_permute(x):
-        return _UntileRows.apply(x, layout, like)
-    out = x.index_select(-2, _on_device("scatter", layout, x.device))
+    out = x.index_select(d, layout.table("scatter", x.device))
     if like is not None and not like.is_contiguous():  # index_select already gives contiguous
         out = torch.empty_like(like, dtype=x.dtype).copy_(out)
     return out
-
-
-def _gpu_permute(x: torch.Tensor) -> bool:
-    """The Triton row-permutation kernel serves CUDA tensors of 3 or 4 dims with unit stride in D."""
-    if not x.is_cuda or x.dim() not in (3, 4) or x.stride(-1) != 1 or x.numel() == 0:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _as4(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dim() == 4 else x.unsqueeze(1)
-
-
-def _permute_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor, means: torch.Tensor | None = None,
-                  counts: torch.Tensor | None = None) -> torch.Tensor:
-    from .kernels.permute import gather_rows
-
-    gather_rows(_as4(x), index, _as4(out), means, counts)
-    return out
-
-
-class _TileRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layout: TokenLayout,  # type: ignore[override]
-                means: torch.Tensor | None = None) -> torch.Tensor:
-        """``means``: a float32 buffer the kernel fills with the video-block means (no gradient)."""
-        ctx.layout = layout
-        out = x.new_empty((*x.shape[:-2], layout.tiled_len, x.shape[-1]))
-        counts = _on_device("counts", layout, x.device) if means is not None else None
-        return _permute_rows(x, _on_device("tile_rows", layout, x.device), out, means, counts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        return untile(grad, ctx.layout), None, None
-
-
-class _UntileRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layout: TokenLayout, like: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        ctx.layout = layout
-        shape = (*x.shape[:-2], layout.seq_len, x.shape[-1])
-        out = torch.empty_like(like, dtype=x.dtype) if like is not None else x.new_empty(shape)
-        if out.stride(-1) != 1:
-            out = x.new_empty(shape)
-        return _permute_rows(x, _on_device("untile_rows", layout, x.device), out)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        return tile(grad, ctx.layout), None, None
-
-
-def block_counts_on(layout: TokenLayout, device: torch.device) -> torch.Tensor:
-    """Cached int32 ``[num_blocks]`` valid-token counts on ``device``."""
-    return _on_device("counts", layout, device)

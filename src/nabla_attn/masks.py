@@ -1,49 +1,99 @@
-"""Block tables: which (query block, key block) pairs attention computes.
+"""Block tables: which (query block, key block) pairs attention computes, and NABLA's definition.
 
 A :class:`BlockSparseMask` is plain data: a bool table ``[batch, heads, query_blocks, key_blocks]``
 over the blocks of a :class:`~nabla_attn.grid.TokenLayout`. Key blocks are always 64-token blocks;
 query blocks hold ``query_block // 64`` consecutive 64-token blocks (1 or 2). Batch and head
 dimensions may be 1 and then broadcast. Every backend computes exactly this table.
 
-The eager functions here are the definition of NABLA's selection; faster builders must match them.
+The eager functions here are the definition of NABLA's selection (Algorithm 1 of arXiv
+2507.13546), on every device; faster builders in the backends must match them:
+
+1. :func:`pool_blocks`: mean of q and k over each block's real tokens (float32);
+2. block scores ``qa @ ka^T / sqrt(D)`` and their softmax over video key blocks;
+3. :func:`cdf_keep`: per row, keep the key blocks holding a ``threshold`` share of the mass;
+4. :func:`sta_table`: the STA window, ORed in; text rows and columns kept (:func:`with_text`);
+5. :func:`group_rows`: 128-token query blocks keep the union of their two 64-token rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from .grid import BLOCK_TOKENS, TokenLayout, VideoGrid, block_counts_on, tile
-
-QUERY_BLOCKS = (64, 128)
-
-
-def _check_query_block(query_block: int) -> int:
-    if query_block not in QUERY_BLOCKS:
-        raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {query_block!r}")
-    return query_block
+from .constants import BLOCK_TOKENS, QUERY_BLOCKS
+from .grid import TokenLayout, VideoGrid
 
 
-def check_threshold(threshold: float | None) -> None:
-    if threshold is None:
-        return
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 < float(threshold) <= 1.0):
-        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
-
-
-def check_sta_window(window: Sequence[int] | None) -> tuple[int, int, int] | None:
+def _window(window: object) -> tuple[int, int, int] | None:
     if window is None:
         return None
+    message = f"sta_window must be three positive odd integers (wT, wH, wW), got {window!r}"
+    if isinstance(window, (str, bytes)):
+        raise ValueError(message)
     try:
-        values = tuple(window)
+        values = tuple(window)  # type: ignore[call-overload]
     except TypeError:
-        raise ValueError(f"sta_window must be three positive odd integers (wT, wH, wW), got {window!r}") from None
-    if len(values) != 3 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0 for w in values):
-        raise ValueError(f"sta_window must be three positive odd integers (wT, wH, wW), got {window!r}")
-    return values  # type: ignore[return-value]
+        raise ValueError(message) from None
+    if len(values) != 3 or any(
+        isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 or w % 2 == 0 for w in values
+    ):
+        raise ValueError(message)
+    return tuple(int(w) for w in values)  # type: ignore[return-value]
+
+
+def _threshold(threshold: object) -> float | None:
+    if threshold is None:
+        return None
+    ok = not isinstance(threshold, bool) and isinstance(threshold, numbers.Real)
+    if not ok or not (0.0 < float(threshold) <= 1.0):  # NaN fails the comparison
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    return float(threshold)
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What to keep: NABLA's ``threshold`` (kept softmax mass in (0, 1]; None: no NABLA part), an STA
+    ``sta_window`` ``(wT, wH, wW)`` (positive odd, in blocks; None: no STA part), and the
+    ``query_block`` (64 or 128 tokens). Validated once here; numpy numbers are accepted."""
+
+    threshold: float | None = 0.7
+    sta_window: tuple[int, int, int] | None = None
+    query_block: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", _threshold(self.threshold))
+        object.__setattr__(self, "sta_window", _window(self.sta_window))
+        qb = self.query_block
+        if isinstance(qb, bool) or not isinstance(qb, numbers.Integral) or int(qb) not in QUERY_BLOCKS:
+            raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {qb!r}")
+        object.__setattr__(self, "query_block", int(qb))
+        if self.threshold is None and self.sta_window is None:
+            raise ValueError("a mask needs a threshold, an sta_window, or both (got neither)")
+
+    @property
+    def cut(self) -> float | None:
+        """``1 - threshold`` rounded to float32, as every builder compares running sums with it."""
+        if self.threshold is None:
+            return None
+        return float(torch.tensor(1.0 - self.threshold, dtype=torch.float32))
+
+    @property
+    def half_window(self) -> tuple[int, int, int] | None:
+        """The STA window as the largest kept distance per axis, ``(wT//2, wH//2, wW//2)``."""
+        return None if self.sta_window is None else tuple(w // 2 for w in self.sta_window)  # type: ignore[return-value]
+
+    @property
+    def group(self) -> int:
+        """64-token rows per query block (1 or 2)."""
+        return self.query_block // BLOCK_TOKENS
+
+
+def num_query_blocks(layout: TokenLayout, query_block: int) -> int:
+    return -(-layout.num_blocks // (query_block // BLOCK_TOKENS))
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,26 +104,29 @@ class BlockSparseMask:
         kept: bool ``[batch or 1, heads or 1, query_blocks, key_blocks]``.
         layout: the token layout the blocks refer to.
         query_block: tokens per query block, 64 (the paper's granularity) or 128 (two consecutive
-            tiles; see :func:`nabla_mask`).
+            tiles; see :func:`nabla_attn.nabla_mask`).
+
+    Plain data: backends derive whatever lists they need from ``kept`` on every use, so editing
+    ``kept`` in place is always seen.
     """
 
     kept: torch.Tensor
     layout: TokenLayout
     query_block: int = 64
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_query_block(self.query_block)
-        if self.kept.dtype != torch.bool or self.kept.dim() != 4:
-            raise ValueError(f"kept must be a 4-D bool tensor, got {self.kept.dtype} {tuple(self.kept.shape)}")
+        if self.query_block not in QUERY_BLOCKS:
+            raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {self.query_block!r}")
+        if not isinstance(self.kept, torch.Tensor) or self.kept.dtype != torch.bool or self.kept.dim() != 4:
+            got = f"{self.kept.dtype} {tuple(self.kept.shape)}" if isinstance(self.kept, torch.Tensor) else type(self.kept).__name__
+            raise ValueError(f"kept must be a 4-D bool tensor, got {got}")
         expect = (self.num_query_blocks, self.layout.num_blocks)
         if tuple(self.kept.shape[2:]) != expect:
             raise ValueError(f"kept has block shape {tuple(self.kept.shape[2:])}, the layout needs {expect}")
 
     @property
     def num_query_blocks(self) -> int:
-        group = self.query_block // BLOCK_TOKENS
-        return -(-self.layout.num_blocks // group)
+        return num_query_blocks(self.layout, self.query_block)
 
     def dense(self) -> torch.Tensor:
         """Bool ``[batch, heads, query_blocks, key_blocks]`` (video blocks first, then text blocks)."""
@@ -107,9 +160,7 @@ class BlockSparseMask:
 
         Indices are ascending and packed at the front; entries past the count are unspecified.
         """
-        if "kv" not in self._cache:
-            self._cache["kv"] = compact_rows(self.kept)
-        return self._cache["kv"]
+        return compact_rows(self.kept)
 
 
 def compact_rows(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,11 +175,15 @@ def compact_rows(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts, idx
 
 
-def pool_blocks(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """Mean of each block's real tokens, float32 ``[B, H, num_blocks, D]`` from tiled ``[B, H, tiled_len, D]``."""
+# ------------------------------------------------------------------------------- the definition
+def pool_blocks(x: torch.Tensor, layout: TokenLayout, n: int | None = None) -> torch.Tensor:
+    """Mean of the real tokens of the first ``n`` blocks (default all), float32 ``[B, H, n, D]``, from
+    tiled ``[B, H, tiled_len, D]`` (padding slots are zeros). Accumulates in float32 without a
+    float32 copy of ``x``."""
     B, H, _, D = x.shape
-    sums = x.float().view(B, H, layout.num_blocks, BLOCK_TOKENS, D).sum(-2)
-    counts = block_counts_on(layout, x.device).to(torch.float32)
+    n = layout.num_blocks if n is None else n
+    sums = x[:, :, : n * BLOCK_TOKENS].reshape(B, H, n, BLOCK_TOKENS, D).sum(-2, dtype=torch.float32)
+    counts = layout.block_counts(x.device)[:n].to(torch.float32)
     return sums / counts.view(1, 1, -1, 1)
 
 
@@ -136,33 +191,26 @@ def cdf_keep(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """NABLA's CDF cut on the last axis of ``probs`` (rows summing to 1).
 
     A key block is kept when the total probability of the blocks whose probability is <= its own
-    reaches ``1 - threshold``: sort ascending, take the running sum, keep entries whose running sum
-    is >= ``1 - threshold``. Equal probabilities are kept or dropped together, so the result does
-    not depend on a sort's order for ties. Rows that are not finite keep every block, so NaN in q or k
+    reaches ``1 - threshold`` (compared in float32): sort ascending, take the running sum, keep
+    entries whose running sum is >= ``1 - threshold``. Equal probabilities are kept or dropped
+    together, so the result does not depend on a sort's order for ties. A row's largest block (and
+    its ties) is always kept, as exact arithmetic would: float32 sums can fall short of a cut that
+    rounds to 1 for thresholds near 0. Rows that are not finite keep every block, so NaN in q or k
     reaches the output instead of hiding behind a plausible mask.
     """
     sorted_p, order = torch.sort(probs, dim=-1)
     running = sorted_p.cumsum(-1)
     last_tie = torch.searchsorted(sorted_p.contiguous(), sorted_p.contiguous(), right=True) - 1
-    keep_sorted = running.gather(-1, last_tie) >= (1.0 - float(threshold))
+    # (A Python float against a float32 tensor compares in float32.)
+    keep_sorted = (running.gather(-1, last_tie) >= 1.0 - float(threshold)) | (sorted_p == sorted_p[..., -1:])
     keep = torch.empty_like(keep_sorted).scatter_(-1, order, keep_sorted)
     finite = torch.isfinite(probs).all(-1, keepdim=True)
     return keep | ~finite
 
 
-def _group_rows(kept64: torch.Tensor, query_block: int) -> torch.Tensor:
-    """Union of consecutive 64-token query rows into ``query_block`` rows."""
-    group = query_block // BLOCK_TOKENS
-    if group == 1:
-        return kept64
-    B, H, Q, K = kept64.shape
-    pad = (-Q) % group
-    if pad:
-        kept64 = torch.cat([kept64, kept64.new_zeros(B, H, pad, K)], dim=2)
-    return kept64.view(B, H, -1, group, K).any(dim=3)
-
-
-def _sta_video(grid: VideoGrid, window: tuple[int, int, int], device: torch.device | str | None) -> torch.Tensor:
+def sta_table(grid: VideoGrid, window: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """Sliding Tile Attention over video blocks: bool ``[Nv, Nv]`` keeping pairs with
+    ``|dt| <= wT//2``, ``|dh| <= wH//2``, ``|dw| <= wW//2`` (in blocks, cut at the borders)."""
     T, R, C = grid.block_grid
     t = torch.arange(T, device=device).repeat_interleave(R * C)
     r = torch.arange(R, device=device).repeat_interleave(C).repeat(T)
@@ -175,7 +223,7 @@ def _sta_video(grid: VideoGrid, window: tuple[int, int, int], device: torch.devi
     )
 
 
-def _with_text(video: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+def with_text(video: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Embed a video-block table ``[..., Nv, Nv]`` in the full table; text rows and columns all kept."""
     nv, nb = layout.num_video_blocks, layout.num_blocks
     if nb == nv:
@@ -183,6 +231,48 @@ def _with_text(video: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     full = video.new_ones(*video.shape[:-2], nb, nb)
     full[..., :nv, :nv] = video
     return full
+
+
+def group_rows(kept64: torch.Tensor, query_block: int) -> torch.Tensor:
+    """Union of consecutive 64-token query rows into ``query_block`` rows."""
+    group = query_block // BLOCK_TOKENS
+    if group == 1:
+        return kept64
+    B, H, Q, K = kept64.shape
+    pad = (-Q) % group
+    if pad:
+        kept64 = torch.cat([kept64, kept64.new_zeros(B, H, pad, K)], dim=2)
+    return kept64.view(B, H, -1, group, K).any(dim=3)
+
+
+def mask_from_means(qa: torch.Tensor | None, ka: torch.Tensor | None, layout: TokenLayout,
+                    spec: MaskSpec, device: torch.device | str | None = None) -> BlockSparseMask:
+    """NABLA's table from float32 video-block means ``[B, H, num_video_blocks, D]`` of q and k (steps
+    2-5 above). For STA alone the means are not needed (None) and the table is built on ``device``
+    with batch and heads 1. Eager, no gradient."""
+    nv = layout.num_video_blocks
+    with torch.no_grad():
+        if spec.threshold is None:
+            video = torch.zeros(1, 1, nv, nv, dtype=torch.bool, device=device)
+        else:
+            if qa is None or ka is None:
+                raise ValueError("a threshold needs the block means of q and k")
+            scores = qa @ ka.transpose(-1, -2) / math.sqrt(qa.shape[-1])
+            video = cdf_keep(torch.softmax(scores, dim=-1), spec.threshold)
+        if spec.sta_window is not None:
+            video = video | sta_table(layout.grid, spec.sta_window, video.device)
+        kept = group_rows(with_text(video, layout), spec.query_block)
+    return BlockSparseMask(kept, layout, spec.query_block)
+
+
+def reference_mask(qt: torch.Tensor, kt: torch.Tensor, layout: TokenLayout, spec: MaskSpec) -> BlockSparseMask:
+    """NABLA's table for q, k ``[B, H, tiled_len, D]`` in tiled order: the whole definition, eager."""
+    if spec.threshold is None:
+        return mask_from_means(None, None, layout, spec, qt.device)
+    nv = layout.num_video_blocks
+    with torch.no_grad():
+        qa, ka = pool_blocks(qt, layout, nv), pool_blocks(kt, layout, nv)
+    return mask_from_means(qa, ka, layout, spec)
 
 
 def sta_mask(
@@ -196,94 +286,9 @@ def sta_mask(
 ) -> BlockSparseMask:
     """Sliding Tile Attention on the block grid: block pairs with ``|dt| <= wT//2``, ``|dh| <= wH//2``,
     ``|dw| <= wW//2`` (in blocks, cut at the borders). Shape ``[1, 1, Qb, Kb]``; text blocks all kept."""
-    win = check_sta_window(window)
-    if win is None:
+    if window is None:
         raise ValueError("sta_mask needs a window (wT, wH, wW)")
+    spec = MaskSpec(None, window, query_block)
     layout = TokenLayout(grid, text_tokens, text_position)  # type: ignore[arg-type]
-    kept = _with_text(_sta_video(grid, win, device), layout)[None, None]
-    return BlockSparseMask(_group_rows(kept, _check_query_block(query_block)), layout, query_block)
-
-
-def _fast_builder() -> "Callable[..., BlockSparseMask] | None":
-    """The fused Triton builder (``kernels/mask_build.py``) where Triton imports, else None."""
-    try:
-        from .kernels.mask_build import build_nabla_mask_fast
-    except ImportError:
-        return None
-    return build_nabla_mask_fast
-
-
-def check_mask_args(
-    threshold: float | None, sta_window: Sequence[int] | None, query_block: int
-) -> tuple[int, int, int] | None:
-    """Validate a mask request (every builder's arguments); returns the STA window as a tuple."""
-    check_threshold(threshold)
-    win = check_sta_window(sta_window)
-    _check_query_block(query_block)
-    if threshold is None and win is None:
-        raise ValueError("nabla_mask needs a threshold, an sta_window, or both")
-    return win
-
-
-def nabla_mask_tiled(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    layout: TokenLayout,
-    threshold: float | None = 0.7,
-    sta_window: Sequence[int] | None = None,
-    *,
-    query_block: int = 64,
-    means: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> BlockSparseMask:
-    """:func:`nabla_mask` on q, k already in tiled layout (``[B, H, layout.tiled_len, D]``).
-
-    ``means``: q's and k's block means from :func:`nabla_attn.grid.tile_pooled` (CUDA), which the
-    fused builder then uses instead of pooling again; elsewhere the builder pools by itself.
-    """
-    win = check_mask_args(threshold, sta_window, query_block)
-    # --- fast path (issue 3): on CUDA the fused Triton builder computes this same table. ---
-    if q.is_cuda and (fast := _fast_builder()) is not None:
-        return fast(q, k, layout, threshold, win, query_block=query_block, means=means)
-    # --- end fast path ---
-    nv = layout.num_video_blocks
-    with torch.no_grad():
-        if threshold is None:
-            B, H = 1, 1
-            video = torch.zeros(B, H, nv, nv, dtype=torch.bool, device=q.device)
-        else:
-            qa = pool_blocks(q, layout)[:, :, :nv]
-            ka = pool_blocks(k, layout)[:, :, :nv]
-            scores = qa @ ka.transpose(-1, -2) / math.sqrt(q.shape[-1])
-            video = cdf_keep(torch.softmax(scores, dim=-1), threshold)
-        if win is not None:
-            video = video | _sta_video(layout.grid, win, q.device)
-        kept = _group_rows(_with_text(video, layout), query_block)
-    return BlockSparseMask(kept, layout, query_block)
-
-
-def nabla_mask(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    grid: VideoGrid,
-    threshold: float | None = 0.7,
-    sta_window: Sequence[int] | None = None,
-    text_tokens: int = 0,
-    text_position: str = "end",
-    *,
-    query_block: int = 64,
-) -> BlockSparseMask:
-    """NABLA's block table (Algorithm 1 of arXiv 2507.13546) for q, k ``[B, H, S, D]`` in natural order.
-
-    Per batch entry and head: mean-pool q and k over each video block (float32, real tokens only),
-    ``P = softmax(qa @ ka^T / sqrt(D))`` over video key blocks, and keep per query block the key
-    blocks selected by :func:`cdf_keep`. ``sta_window=(wT, wH, wW)`` adds the STA window; with
-    ``threshold=None`` the mask is STA alone. Text query blocks keep every block and every query keeps
-    the text key blocks. ``query_block=128`` groups two consecutive tiles into one query block that
-    keeps the union of their key blocks (a superset of the 64-token mask, so it never drops a block
-    the paper's mask keeps).
-    """
-    from .attention import check_qkv, make_layout  # local: attention imports this module
-
-    layout = make_layout(grid, text_tokens, text_position)
-    check_qkv(q, k, k, layout, "natural")
-    return nabla_mask_tiled(tile(q, layout), tile(k, layout), layout, threshold, sta_window, query_block=query_block)
+    kept = with_text(sta_table(grid, spec.sta_window, device), layout)[None, None]  # type: ignore[arg-type]
+    return BlockSparseMask(group_rows(kept, spec.query_block), layout, spec.query_block)

@@ -6,6 +6,10 @@ gathers only its kept key blocks, so the cost follows the kept density; denser c
 all keys with a token mask instead. It works through query blocks in chunks, so no ``S x S`` matrix
 ever exists. Under autograd each chunk is recomputed in the
 backward pass (activation checkpointing) for the same memory reason.
+
+The backend runs it as one custom op (``nabla_attn::reference_attention``) whose backward recomputes
+the forward under autograd, so ``torch.compile`` sees one opaque node; tiling and the mask are the
+eager definitions (:mod:`nabla_attn.grid`, :mod:`nabla_attn.masks`) on every device.
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..grid import BLOCK_TOKENS, block_counts_on
+from typing import Any, Sequence
+
+from ..constants import BLOCK_TOKENS
+from ..grid import TokenLayout
 from ..masks import BlockSparseMask, compact_rows
+from .base import Backend
 
 # Elements of gathered keys or of scores held at once per chunk (x4 bytes in float32).
 _CHUNK_ELEMENTS = 1 << 24
@@ -74,7 +82,7 @@ def reference_attention(
     v_blocks = v.to(compute).view(B, H, nb, BLOCK_TOKENS, Dv)
 
     counts, idx = compact_rows(mask.expand(B, H).kept)
-    slot_real = torch.arange(BLOCK_TOKENS, device=q.device) < block_counts_on(layout, q.device)[:, None]  # [Nb, 64]
+    slot_real = torch.arange(BLOCK_TOKENS, device=q.device) < layout.block_counts(q.device)[:, None]  # [Nb, 64]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
     outs = []
@@ -102,3 +110,46 @@ def reference_attention(
         start = stop
     out = torch.cat(outs, dim=2).view(B, H, q_len, Dv)[:, :, :S]
     return out.to(q.dtype)
+
+
+@torch.library.custom_op("nabla_attn::reference_attention", mutates_args=())
+def _reference_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, layout: Sequence[int],
+                  query_block: int, scale: float) -> torch.Tensor:
+    mask = BlockSparseMask(kept, TokenLayout.from_key(layout), query_block)
+    with torch.no_grad():
+        return reference_attention(q, k, v, mask, scale).contiguous()
+
+
+@_reference_op.register_fake
+def _(q, k, v, kept, layout, query_block, scale):  # type: ignore[no-untyped-def]
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    q, k, v, kept, ctx.layout, ctx.query_block, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, kept)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
+    q, k, v, kept = ctx.saved_tensors
+    mask = BlockSparseMask(kept, TokenLayout.from_key(ctx.layout), ctx.query_block)
+    inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
+    with torch.enable_grad():
+        out = reference_attention(*inputs, mask, ctx.scale)
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+    return (*(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None)
+
+
+_reference_op.register_autograd(_backward, setup_context=_setup)
+
+
+class ReferenceBackend(Backend):
+    """Eager PyTorch end to end on any device and dtype: the oracle."""
+
+    name = "reference"
+    fallback = "nothing (backend='reference' runs everywhere)"
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, plan: Any,
+                  scale: float) -> torch.Tensor:
+        return _reference_op(q, k, v, mask.kept, mask.layout.key, mask.query_block, scale)

@@ -25,9 +25,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..attention import nabla_attention
-from ..grid import TokenLayout, VideoGrid, tile, untile
-from ..masks import BlockSparseMask, nabla_mask_tiled, sta_mask
+from ..attention import nabla_attention, nabla_mask_tiled, tile, untile
+from ..grid import TokenLayout, VideoGrid
+from ..masks import BlockSparseMask, sta_mask
 
 CLASS_NAMES = ("bigbuckbunny", "bikes", "carphone")
 WEIGHTS_FILE = "tiny_wan_video.safetensors"
@@ -274,9 +274,10 @@ class SelfAttentionProcessor:
                     threshold=p.threshold,
                     sta_window=p.sta_window if p.kind == "nabla+sta" else None,
                     query_block=p.query_block,
+                    backend=p.backend,  # type: ignore[arg-type]
                 )
-            out_t = nabla_attention(qt, kt, vt, self.grid, mask=used, backend=p.backend, layout="tiled",  # type: ignore[arg-type]
-                                    query_block=p.query_block)
+            out_t = nabla_attention(qt, kt, vt, self.grid, mask=used, backend=p.backend,  # type: ignore[arg-type]
+                                    token_order="tiled")
             out = untile(out_t, layout)  # type: ignore[arg-type]
             rel = None
             if self.record_error:

@@ -136,9 +136,7 @@ class NablaHandle:
         for model in self.models:
             state = state_of(model)
             if state is not None:
-                state.last.clear()
-                state.sums.clear()
-                state.counts.clear()
+                state.reset_stats()
 
     def remove(self) -> None:
         remove_nabla(self.models)
@@ -206,7 +204,10 @@ def nabla_stats(target: Any) -> NablaStats:
         if state is None:
             continue
         prefix = "" if len(models) == 1 else f"{_PIPELINE_TRANSFORMERS[i] if i < 2 else f'model{i}'}."
-        last.update({prefix + k: float(v) for k, v in state.last.items()})
-        mean.update({prefix + k: float(state.sums[k]) / state.counts[k] for k in state.sums})
+        if state.stats is not None:
+            for name, (latest, total, n) in zip(state.names, state.stats.tolist()):
+                if n > 0:
+                    last[prefix + name] = latest
+                    mean[prefix + name] = total / n
         step, forwards = state.session.step, state.session.forwards
     return NablaStats(last=last, mean=mean, step=step, forwards=forwards)

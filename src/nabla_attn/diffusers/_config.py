@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Literal, Sequence, Union
 
 from ..attention import BACKENDS
-from ..masks import QUERY_BLOCKS, check_sta_window, check_threshold
+from ..masks import MaskSpec
+from ..validation import as_choice, as_int
 
 LayerSelector = Union[int, str]
 
@@ -51,13 +52,14 @@ class NablaConfig:
     collect_stats: bool = True
 
     def __post_init__(self) -> None:
-        check_threshold(self.threshold)
-        window = check_sta_window(self.sta_window)
-        if self.threshold is None and window is None:
-            raise ValueError("NablaConfig needs a threshold, an sta_window, or both (got neither)")
-        object.__setattr__(self, "sta_window", window)
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
-            raise ValueError(f"dense_steps must be an integer >= 0, got {self.dense_steps!r}")
+        spec = self.mask_spec  # validates threshold, sta_window and query_block once
+        object.__setattr__(self, "threshold", spec.threshold)
+        object.__setattr__(self, "sta_window", spec.sta_window)
+        object.__setattr__(self, "query_block", spec.query_block)
+        try:
+            object.__setattr__(self, "dense_steps", as_int("dense_steps", self.dense_steps, 0))
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
         layers: Sequence[LayerSelector] = self.exclude_layers
         if isinstance(layers, (int, str)):
             layers = (layers,)
@@ -69,9 +71,13 @@ class NablaConfig:
             if isinstance(item, bool) or not isinstance(item, (int, str)) or (isinstance(item, int) and item < 0):
                 raise ValueError(f"exclude_layers entries must be layer indices >= 0 or module names, got {item!r}")
         object.__setattr__(self, "exclude_layers", layers)
-        if self.query_block not in QUERY_BLOCKS:
-            raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {self.query_block!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.tiling not in ("auto", "layer", "forward"):
-            raise ValueError(f"tiling must be 'auto', 'layer' or 'forward', got {self.tiling!r}")
+        as_choice("backend", self.backend, BACKENDS)
+        as_choice("tiling", self.tiling, ("auto", "layer", "forward"))
+
+    @property
+    def mask_spec(self) -> MaskSpec:
+        """The mask part of the config (threshold, STA window, query block) as one validated spec."""
+        try:
+            return MaskSpec(self.threshold, self.sta_window, self.query_block)
+        except ValueError as exc:
+            raise ValueError(f"NablaConfig: {exc}") from None

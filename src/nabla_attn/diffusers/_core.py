@@ -5,9 +5,9 @@ shares, stats, and exact removal.
 Why a pre-hook and shared state: attention processors only see flattened token sequences, so the
 video grid (frames x height x width after patchify) must come from the transformer's own inputs. The
 hook runs eagerly (``torch._dynamo.disable``) so that reading the timestep never enters a compiled
-graph; compiled code only reads the grid (ints), two bools (sparse step, forward-level tiling) and,
-with forward-level tiling, two index tensors that are the same objects every step, so steps never
-trigger a recompile. The NABLA op itself runs outside compiled graphs (see ``_sparse_eager``).
+graph; compiled code only reads the grid (ints) and two bools (sparse step, forward-level tiling), so
+steps never trigger a recompile. The NABLA op itself is traced: tiling, mask and attention are
+``torch.library`` custom ops, so a compiled block has no graph break from us.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from ..attention import nabla_attention
-from ..grid import TILE, TokenLayout, VideoGrid
+from ..constants import TILE
+from ..grid import TokenLayout, VideoGrid
 from ._config import NablaConfig
 
 log = logging.getLogger("nabla_attn.diffusers")
@@ -69,25 +70,29 @@ class _ModelState:
     # Forward-level tiling (tiling="forward"/"auto"): set per forward by the pre-hook.
     tiled: bool = False
     layout: TokenLayout | None = None
-    gather: torch.Tensor | None = None
-    scatter: torch.Tensor | None = None
-    index_cache: dict[tuple[TokenLayout, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     originals: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
-    last: dict[str, torch.Tensor] = field(default_factory=dict)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    # Patched layer names in order, and per layer (last density, sum of densities, sparse forwards),
+    # float32 on the model's device: updated in place, so no host sync inside the forward and no
+    # Python value for torch.compile to guard on.
+    names: list[str] = field(default_factory=list)
+    stats: torch.Tensor | None = None
 
-    def record(self, name: str, density: torch.Tensor) -> None:
-        # Kept on the device as a tensor: no host sync inside the forward.
-        density = density.detach()
-        self.last[name] = density
-        if name in self.sums:
-            self.sums[name] = self.sums[name] + density
-            self.counts[name] += 1
-        else:
-            self.sums[name] = density
-            self.counts[name] = 1
+    def ensure_stats(self, device: torch.device) -> None:
+        if self.stats is None or self.stats.device != device:
+            self.stats = torch.zeros(len(self.names), 3, device=device)
+
+    def record(self, index: int, density: torch.Tensor) -> None:
+        stats = self.stats
+        assert stats is not None, "ensure_stats runs in the transformer's pre-hook"
+        density = density.detach().to(stats.dtype)
+        stats[index, 0] = density
+        stats[index, 1] += density
+        stats[index, 2] += 1
+
+    def reset_stats(self) -> None:
+        if self.stats is not None:
+            self.stats.zero_()
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
@@ -114,10 +119,11 @@ class NablaProcessorBase:
     """Wraps a model's original attention processor. Dense steps call the original unchanged; sparse
     steps run the family's own projections/norms/RoPE and NABLA instead of dense attention."""
 
-    def __init__(self, original: Any, state: _ModelState, name: str) -> None:
+    def __init__(self, original: Any, state: _ModelState, name: str, index: int = 0) -> None:
         self.original = original
         self.state = state
         self.name = name
+        self.index = index  # row of this layer in ``state.stats``
         self.pending: list[torch.Tensor] = []
 
     # Subclasses define ``__call__`` with the original processor's explicit parameter names:
@@ -159,36 +165,30 @@ class NablaProcessorBase:
                 )
             return _sparse_ulysses(self, q, k, v, grid, text_tokens, text_position, record, group)
         if state.tiled:
-            return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record, "tiled")
+            return _sparse(self, q, k, v, grid, text_tokens, text_position, record, "tiled")
         expected = grid.num_tokens + text_tokens
         if q.shape[2] != expected:
             raise ValueError(
                 f"{self.name}: self-attention sees {q.shape[2]} tokens, but the transformer's inputs give a "
                 f"{grid.frames}x{grid.height}x{grid.width} grid ({grid.num_tokens} video tokens) + {text_tokens} text tokens"
             )
-        return _sparse_eager(self, q, k, v, grid, text_tokens, text_position, record, "natural")
+        return _sparse(self, q, k, v, grid, text_tokens, text_position, record, "natural")
 
 
-# Under torch.compile the NABLA op runs outside the graph: its layout caches, backend choice and
-# mask construction are Python-side state whose first and later calls differ, which would make
-# dynamo recompile on the next steps. One graph break per layer is cheap next to attention over
-# thousands of tokens, and the flex backend compiles its own kernel. Projections, norms, RoPE and
-# the MLP stay in the compiled graph.
-@torch._dynamo.disable
-def _sparse_eager(
+def _sparse(
     proc: NablaProcessorBase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    grid: VideoGrid, text_tokens: int, text_position: str, record: bool, layout: str,
+    grid: VideoGrid, text_tokens: int, text_position: str, record: bool, token_order: str,
 ) -> torch.Tensor:  # fmt: skip
     state = proc.state
     cfg = state.session.config
     out, mask = nabla_attention(
         q, k, v, grid, cfg.threshold, cfg.sta_window, text_tokens, text_position,
-        backend=cfg.backend, query_block=cfg.query_block, layout=layout, return_mask=True,
+        backend=cfg.backend, query_block=cfg.query_block, token_order=token_order, return_mask=True,
     )  # fmt: skip
     if cfg.collect_stats:
         density = mask.kept.float().mean()
         if record:
-            state.record(proc.name, density)
+            state.record(proc.index, density)
         else:
             proc.pending.append(density)
     return out
@@ -219,7 +219,7 @@ def _sparse_ulysses(
     if cfg.collect_stats:
         density = info.mask.kept.float().mean()
         if record:
-            proc.state.record(proc.name, density)
+            proc.state.record(proc.index, density)
         else:
             proc.pending.append(density)
     return out
@@ -272,13 +272,14 @@ def _make_pre_hook(state: _ModelState) -> Callable:
 def configure_forward(state: _ModelState, grid: VideoGrid, sparse: bool, device: torch.device) -> None:
     """Set what the processors and tiling hooks read during one forward."""
     state.grid = grid
+    if state.session.config.collect_stats:
+        state.ensure_stats(device)
     # Reassign only on change: torch.compile guards on these bools (one recompile at a switch).
     if state.sparse_now != sparse:
         state.sparse_now = sparse
     tiled = forward_tiling_wanted(state, grid, sparse)
     if tiled:
         state.layout = TokenLayout(grid)
-        state.gather, state.scatter = _indices(state, state.layout, device)
     if state.tiled != tiled:
         state.tiled = tiled
 
@@ -290,26 +291,6 @@ def forward_tiling_wanted(state: _ModelState, grid: VideoGrid, sparse: bool) -> 
     if cfg.tiling == "layer" or state.family.install_forward_tiling is None or not sparse or cfg.exclude_layers:
         return False
     return cfg.tiling == "forward" or (grid.height % TILE == 0 and grid.width % TILE == 0)
-
-
-def _indices(state: _ModelState, layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # One tensor object per (layout, device): compiled graphs see the same input every step.
-    key = (layout, str(device))
-    if key not in state.index_cache:
-        state.index_cache.clear()
-        state.index_cache[key] = (layout.gather_index(device), layout.scatter_index(device))
-    return state.index_cache[key]
-
-
-def tile_tokens(x: torch.Tensor, gather: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Natural -> tiled order along ``dim`` (padding slots are zeros)."""
-    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, 1]
-    return torch.nn.functional.pad(x, pad).index_select(dim, gather)
-
-
-def untile_tokens(x: torch.Tensor, scatter: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Tiled -> natural order along ``dim`` (padding slots dropped)."""
-    return x.index_select(dim, scatter)
 
 
 def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _ModelState:
@@ -345,7 +326,8 @@ def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _M
             continue
         original = module.processor
         state.originals[name] = (module, original)
-        module.set_processor(family.processor_class(original, state, name))
+        module.set_processor(family.processor_class(original, state, name, len(state.names)))
+        state.names.append(name)
     state.handles.append(model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
     if family.install_forward_tiling is not None and cfg.tiling != "layer":
         state.handles.extend(family.install_forward_tiling(model, state))

@@ -98,7 +98,7 @@ class HunyuanVideoNablaProcessor(NablaProcessorBase):
                 o = torch.cat([o, rest], dim=2)
             outs.append(o)
         if self.pending:  # one record per forward: the batch's mean density
-            self.state.record(self.name, torch.stack(self.pending).mean())
+            self.state.record(self.index, torch.stack(self.pending).mean())
             self.pending.clear()
         return torch.cat(outs, dim=0)
 

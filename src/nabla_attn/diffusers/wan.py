@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, _get_qkv_projections
 
+from ..attention import tile, untile
 from ..grid import VideoGrid
-from ._core import Family, NablaProcessorBase, _ModelState, tile_tokens, timestep_value, untile_tokens
+from ._core import Family, NablaProcessorBase, _ModelState, timestep_value
 
 
 def _rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,21 +94,21 @@ def _install_forward_tiling(model: torch.nn.Module, state: _ModelState) -> list[
             return None
         bound = signature.bind(*args, **kwargs)
         a = bound.arguments
-        g = state.gather
+        layout = state.layout
         if tile_hidden:  # later blocks receive the tiled output of the one before
-            a["hidden_states"] = tile_tokens(a["hidden_states"], g)
+            a["hidden_states"] = tile(a["hidden_states"], layout, dim=1)
         # The transformer passes the same natural-order RoPE tables / modulation to every block:
         # permute them per block (small next to the hidden states: [S, head_dim] fp32).
         if a.get("rotary_emb") is not None:
-            a["rotary_emb"] = tuple(tile_tokens(t, g) for t in a["rotary_emb"])
+            a["rotary_emb"] = tuple(tile(t, layout, dim=1) for t in a["rotary_emb"])
         if a["temb"].dim() == 4:  # per-token timestep projection (TI2V)
-            a["temb"] = tile_tokens(a["temb"], g)
+            a["temb"] = tile(a["temb"], layout, dim=1)
         return (), dict(a)
 
     def untile_output(block: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         if not state.tiled:
             return None
-        return untile_tokens(output, state.scatter)
+        return untile(output, state.layout, dim=1)
 
     handles = [
         block.register_forward_pre_hook(make_hook(i == 0), with_kwargs=True) for i, block in enumerate(model.blocks)

@@ -8,13 +8,14 @@ Each rank of a ``torch.distributed`` group holds a contiguous shard of the natur
    side) and one all-reduce adds them up, so every rank holds every head's block means of the full
    sequence. This moves ``2 * B * H * blocks * D`` floats, about 43 MB for Wan 14B at 720p.
 2. *Masks and head assignment.* Without balancing each rank builds the NABLA tables of its own
-   contiguous run of heads. With balancing each rank builds the tables of one run, the tables are
+   contiguous run of heads from the means (:func:`nabla_attn.mask_from_means`, the single-GPU
+   builder). With balancing each rank builds the tables of one run, the tables are
    all-gathered (bool, ``H * Qb * Kb`` bytes), every rank counts each head's kept blocks and runs the
    same greedy longest-processing-time assignment (fixed head count per rank), so all ranks agree.
 3. *All-to-all in.* q, k, v travel in one all-to-all (one when v's head_dim differs from q's: two):
    each rank receives the full sequence for its heads, lands it directly in the tiled layout.
 4. *Attention.* The core :func:`~nabla_attn.nabla_attention` with the precomputed mask,
-   ``layout="tiled"``.
+   ``token_order="tiled"``.
 5. *All-to-all out.* The outputs go back to sequence shards in the original head order.
 
 The all-to-alls are autograd functions, so gradients flow to the local q, k, v shards.
@@ -29,8 +30,6 @@ table equality on their inputs.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -38,25 +37,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import BACKENDS, Backend, check_tensors, make_layout, nabla_attention
-from ..grid import TILE, TokenLayout, VideoGrid, block_counts_on
-from ..masks import (
-    QUERY_BLOCKS,
-    BlockSparseMask,
-    _group_rows,
-    _sta_video,
-    _with_text,
-    cdf_keep,
-    check_sta_window,
-    check_threshold,
-    sta_mask,
-)
+from ..attention import BACKENDS, Backend, make_layout, mask_from_means, nabla_attention
+from ..cache import DeviceCache
+from ..constants import TILE
+from ..grid import TokenLayout, VideoGrid
+from ..masks import BlockSparseMask, MaskSpec, sta_mask
+from ..validation import as_choice, check_tensors
 from .comm import ProcessGroup, all_to_all_rows, group_size_rank
+from .maps import gathers
 from .partition import balance_heads, check_shard_sizes, contiguous_heads, even_head_counts, rank_loads, shard_sizes as default_sizes
 from .timing import PhaseTimer
-
-# Heads converted to float32 at once while pooling (bounds the temporary copy).
-_POOL_HEADS = 8
 
 
 @dataclass(frozen=True)
@@ -85,111 +75,9 @@ class UlyssesInfo:
         return [sum(self.head_costs[h] for h in heads) for heads in self.assignment]
 
 
-# ----------------------------------------------------------------------------------------------
-# Index maps between the per-rank padded chunks and the tiled layout (cached per layout and split)
-
-
-@functools.lru_cache(maxsize=32)
-def _slot_maps(layout: TokenLayout, sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where tokens sit when the all-to-all delivers the sequence as ``P`` chunks of ``c = max(sizes)`` slots.
-
-    Chunk p holds natural tokens ``offset_p .. offset_p + sizes[p] - 1``, then padding. Returns
-    ``slot_of_tiled`` (int64 ``[tiled_len]``: the chunk slot ``p * c + j`` of each tiled position,
-    -1 for tiled padding), ``tiled_of_slot`` (int64 ``[P * c]``: the tiled position of each slot, -1
-    for chunk padding) and ``slot_valid`` (bool ``[P, c]``).
-    """
-    P, c, S = len(sizes), max(sizes), layout.seq_len
-    slot_of_natural = torch.empty(S, dtype=torch.int64)
-    natural_of_slot = torch.full((P * c,), S, dtype=torch.int64)
-    offset = 0
-    for p, n in enumerate(sizes):
-        slot_of_natural[offset : offset + n] = torch.arange(p * c, p * c + n)
-        natural_of_slot[p * c : p * c + n] = torch.arange(offset, offset + n)
-        offset += n
-    gather = layout.gather_index()  # tiled -> natural (S = padding)
-    scatter = layout.scatter_index()  # natural -> tiled
-    slot_of_tiled = torch.cat([slot_of_natural, torch.tensor([-1])])[gather]
-    tiled_of_slot = torch.cat([scatter, torch.tensor([-1])])[natural_of_slot]
-    return slot_of_tiled, tiled_of_slot, (natural_of_slot < S).view(P, c)
-
-
-_device_gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]] = {}
-# Tokens per gather row when whole 8-token tile rows move together (see _as_segments).
-SEGMENT = TILE
-
-
-def _as_segments(idx: torch.Tensor) -> torch.Tensor | None:
-    """``idx`` as indices of 8-row segments, if it moves whole aligned segments (else None).
-
-    Both gathers around the attention move tokens in runs of 8 (a tile row is 8 consecutive tokens
-    in the natural order and in the tiled order) whenever the grid width, the text length and the
-    shard offsets are multiples of 8 (Wan 720p on 2 or 4 GPUs, for example). Gathering 8-token
-    rows (2 KiB at head_dim 128 in bf16) instead of single tokens (256 B) runs much closer to copy
-    bandwidth than ``index_select`` on 256-byte rows.
-    """
-    if idx.numel() % SEGMENT:
-        return None
-    v = idx.view(-1, SEGMENT)
-    first = v[:, 0]
-    if bool((first % SEGMENT != 0).any()) or not torch.equal(v, first[:, None] + torch.arange(SEGMENT)):
-        return None
-    return first // SEGMENT
-
-
-def _gathers_on(
-    layout: TokenLayout, sizes: tuple[int, ...], h_r: int, batch: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Row indices of the two gathers around the attention, cached per shape and device.
-
-    ``gather_in`` reads the received buffer ``[P, h_r, B, c]`` rows (plus a zero slab of ``B * c``
-    rows at the end) into ``[B, h_r, tiled_len]`` order; ``gather_out`` reads the attention output
-    ``[B, h_r, tiled_len]`` rows into send order ``[P, h_r, B, c]``. The two ints are the tokens per
-    gathered row (8 when :func:`_as_segments` applies, else 1); the indices count such rows.
-    """
-    key = (layout, sizes, h_r, batch, str(device))
-    hit = _device_gathers.get(key)
-    if hit is not None:
-        return hit
-    slot_of_tiled, tiled_of_slot, slot_valid = _slot_maps(layout, sizes)
-    P, c, T, B = len(sizes), max(sizes), layout.tiled_len, batch
-    b = torch.arange(B).view(B, 1, 1)
-    h = torch.arange(h_r).view(1, h_r, 1)
-    p_t, j_t = slot_of_tiled // c, slot_of_tiled % c  # [T]
-    rows_in = ((p_t * h_r + h) * B + b) * c + j_t  # [B, h_r, T]
-    zero_row = P * h_r * B * c
-    # Tiled padding reads the zero slab; 8 consecutive zero rows where the slab has them, so that
-    # padded tile rows still form whole segments.
-    pad_rows = zero_row + (torch.arange(T) % SEGMENT if B * c >= SEGMENT else torch.zeros(T, dtype=torch.int64))
-    gather_in = torch.where(slot_of_tiled >= 0, rows_in, pad_rows.expand_as(rows_in)).reshape(-1)
-    # Chunk padding slots read some output row (the receiver drops or zeroes them): row j % 8, so
-    # whole padded segments stay segments.
-    slot = torch.arange(P * c)
-    tiled = torch.where(tiled_of_slot >= 0, tiled_of_slot, slot % SEGMENT).view(P, 1, 1, c)
-    h4 = torch.arange(h_r).view(1, h_r, 1, 1)
-    b4 = torch.arange(B).view(1, 1, B, 1)
-    gather_out = ((b4 * h_r + h4) * T + tiled).reshape(-1)  # [P, h_r, B, c]
-    # The gathered buffers must also split into whole segments: the received one holds
-    # (P * h_r + 1) * B * c rows (zero slab included), the attention output B * h_r * T.
-    seg_in = _as_segments(gather_in) if h_r and ((P * h_r + 1) * B * c) % SEGMENT == 0 else None
-    seg_out = _as_segments(gather_out) if h_r else None
-    n_in = SEGMENT if seg_in is not None else 1
-    n_out = SEGMENT if seg_out is not None else 1
-    gather_in = seg_in if seg_in is not None else gather_in
-    gather_out = seg_out if seg_out is not None else gather_out
-    hit = (gather_in.to(device), gather_out.to(device), slot_valid.to(device), n_in, n_out)
-    if len(_device_gathers) > 64:
-        _device_gathers.clear()
-    _device_gathers[key] = hit
-    return hit
-
-
 def _video_range(layout: TokenLayout) -> tuple[int, int]:
     start = layout.text_tokens if layout.text_position == "start" else 0
     return start, start + layout.grid.num_tokens
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks
 
 
 def _block_means(
@@ -215,7 +103,7 @@ def _block_means(
         va, vb = a - v0, b - v0  # video-local token range
         row0, row1 = va // g.width, -(-vb // g.width)
         front, back = va - row0 * g.width, row1 * g.width - vb
-        band = _band_ids_on(layout, row0, row1, q.device)
+        band = _BANDS.get((layout, row0, row1), q.device, lambda: _band_ids(layout, row0, row1).to(q.device))
         for i, x in enumerate((q, k)):
             part = x[:, :, a - offset : b - offset]
             if front or back:
@@ -227,94 +115,18 @@ def _block_means(
             sums[i].index_add_(2, band, tile_sums)
     sums = sums.view(2, B, H, nv, D)
     dist.all_reduce(sums, group=group)
-    counts = block_counts_on(layout, q.device)[:nv].to(torch.float32)
+    counts = layout.block_counts(q.device)[:nv].to(torch.float32)
     return sums / counts.view(1, 1, 1, -1, 1)
 
 
-_device_bands: dict[tuple, torch.Tensor] = {}
+_BANDS: DeviceCache[torch.Tensor] = DeviceCache(64)
 
 
-def _band_ids_on(layout: TokenLayout, row0: int, row1: int, device: torch.device) -> torch.Tensor:
+def _band_ids(layout: TokenLayout, row0: int, row1: int) -> torch.Tensor:
     """Block row ``t * tile_rows + h // 8`` of grid rows ``row0 .. row1-1`` (rows counted over all frames)."""
-    key = (layout, row0, row1, str(device))
-    hit = _device_bands.get(key)
-    if hit is None:
-        rows = torch.arange(row0, row1)
-        t, h = rows // layout.grid.height, rows % layout.grid.height
-        hit = (t * layout.grid.tile_rows + h // TILE).to(device)
-        if len(_device_bands) > 64:
-            _device_bands.clear()
-        _device_bands[key] = hit
-    return hit
-
-
-def _tables_from_means(
-    qa: torch.Tensor,
-    ka: torch.Tensor,
-    layout: TokenLayout,
-    threshold: float,
-    window: tuple[int, int, int] | None,
-    query_block: int,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """NABLA's block table from block means, the same steps as :func:`nabla_attn.nabla_mask_tiled`.
-
-    On CUDA this uses the fused Triton row kernel (:func:`nabla_attn.kernels.mask_build.table_from_scores`,
-    the kernel ``nabla_mask_tiled`` uses there), so one GPU and many GPUs select blocks by the same
-    rule, and it also returns the kv lists the kernel writes; on CPU, or if that kernel cannot run,
-    the eager definition (lists None).
-    """
-    scores = _scores_fast(qa, ka) if qa.is_cuda else None
-    if scores is None:
-        scores = qa @ ka.transpose(-1, -2) / math.sqrt(qa.shape[-1])
-    if scores.is_cuda:
-        fast = _tables_fast(scores, layout, threshold, window, query_block)
-        if fast is not None:
-            return fast
-    return _eager_tables(scores, layout, threshold, window, query_block), None
-
-
-def _eager_tables(
-    scores: torch.Tensor, layout: TokenLayout, threshold: float, window: tuple[int, int, int] | None, query_block: int
-) -> torch.Tensor:
-    video = cdf_keep(torch.softmax(scores, dim=-1), threshold)
-    if window is not None:
-        video = video | _sta_video(layout.grid, window, scores.device)
-    return _group_rows(_with_text(video, layout), query_block)
-
-
-_fast_failed: list[str] = []
-
-
-def _scores_fast(qa: torch.Tensor, ka: torch.Tensor) -> torch.Tensor | None:
-    """Block scores by the single-GPU builder's own product (the same float32 rounding), if Triton imports."""
-    try:
-        from ..kernels.mask_build import block_scores
-    except ImportError:
-        return None
-    return block_scores(qa.contiguous(), ka.contiguous())
-
-
-def _tables_fast(
-    scores: torch.Tensor, layout: TokenLayout, threshold: float, window: tuple[int, int, int] | None, query_block: int
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None] | None:
-    """The fused row kernel on precomputed scores ``[B, H, Nv, Nv]``; None where it is unavailable."""
-    if _fast_failed:
-        return None
-    try:
-        from ..kernels.mask_build import float32_cut, table_from_scores
-    except Exception as exc:  # Triton or the kernel module missing: eager path
-        _fast_failed.append(repr(exc))
-        return None
-    try:
-        cut = float32_cut(threshold)  # the cut exactly as the single-GPU builder rounds it
-        kept, lists = table_from_scores(scores, layout, cut, window, query_block, write_lists=True)
-        return kept, lists
-    except Exception as exc:  # an API change in the kernel module must not break the op
-        import logging
-
-        logging.getLogger("nabla_attn").warning("fused mask kernel unavailable (%r); using the eager tables", exc)
-        _fast_failed.append(repr(exc))
-        return None
+    rows = torch.arange(row0, row1)
+    t, h = rows // layout.grid.height, rows % layout.grid.height
+    return t * layout.grid.tile_rows + h // TILE
 
 
 def _pick_assignment(costs: list[int], world: int, min_gain: float) -> list[list[int]]:
@@ -427,19 +239,10 @@ def ulysses_nabla_attention(
         )
     # Argument errors are raised before the first collective, so a bad call fails on every rank
     # instead of leaving the others waiting.
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if mask is None and query_block not in QUERY_BLOCKS:
-        raise ValueError(f"query_block must be one of {QUERY_BLOCKS}, got {query_block!r}")
-    if mask is None:
-        check_threshold(threshold)
-        window = check_sta_window(sta_window)
-        if threshold is None and window is None:
-            raise ValueError("ulysses_nabla_attention needs a threshold, an sta_window, or both (or a mask)")
-    else:
-        window = None
-        if mask.layout != layout:
-            raise ValueError(f"mask was built for {mask.layout}, not {layout}")
+    as_choice("backend", backend, BACKENDS)
+    spec = MaskSpec(threshold, sta_window, query_block) if mask is None else None
+    if mask is not None and mask.layout != layout:
+        raise ValueError(f"mask was built for {mask.layout}, not {layout}")
     B, H, _, D = q.shape
     Dv = v.shape[-1]
     if mask is not None:
@@ -447,12 +250,13 @@ def ulysses_nabla_attention(
         if b not in (1, B) or h not in (1, H):
             raise ValueError(f"mask of batch x heads {b}x{h} cannot serve {B}x{H}")
         query_block = mask.query_block
+    else:
+        query_block = spec.query_block  # type: ignore[union-attr]
 
     # ---- masks and head assignment -----------------------------------------------------------
     if timer is not None:
         timer.start("mask")
     head_costs: list[int] | None = None
-    lists: tuple[torch.Tensor, torch.Tensor] | None = None
     counts = even_head_counts(H, P)
     with torch.no_grad():
         if mask is not None:
@@ -463,31 +267,25 @@ def ulysses_nabla_attention(
                 assignment = _pick_assignment(head_costs, P, balance_min_gain)
             local = assignment[rank]
             kept_local = kept_all[:, local] if kept_all.shape[1] == H else kept_all
-        elif threshold is None:
+        elif spec.threshold is None:  # type: ignore[union-attr]
             # Pure STA: one table for every head, so every head costs the same; nothing to balance.
             assignment = contiguous_heads(H, P)
-            kept_local = sta_mask(grid, window, text_tokens, text_position, query_block=query_block, device=q.device).kept  # type: ignore[arg-type]
+            kept_local = sta_mask(grid, spec.sta_window, text_tokens, text_position,  # type: ignore[union-attr, arg-type]
+                                  query_block=query_block, device=q.device).kept
         else:
             means = _block_means(q, k, layout, offset, n_r, group)
+            plain = contiguous_heads(H, P)
+            run = plain[rank]
+            kept_run = mask_from_means(means[0][:, run], means[1][:, run], layout, spec, backend).kept  # type: ignore[arg-type]
+            assignment, kept_local = plain, kept_run
             if balance:
-                plain = contiguous_heads(H, P)
-                kept_run, lists = _tables_from_means(means[0][:, plain[rank]], means[1][:, plain[rank]], layout, threshold, window, query_block)
                 # Costs first (H integers): the tables move only if balancing is worth its copies.
                 head_costs = _all_gather_costs(kept_run, counts, group)
                 assignment = _pick_assignment(head_costs, P, balance_min_gain)
                 if assignment != plain:
-                    kept_all = _all_gather_heads(kept_run, counts, group)
-                    kept_local, lists = kept_all[:, assignment[rank]], None
-                else:
-                    assignment, kept_local = plain, kept_run
-            else:
-                assignment = contiguous_heads(H, P)
-                local = assignment[rank]
-                kept_local, lists = _tables_from_means(means[0][:, local], means[1][:, local], layout, threshold, window, query_block)
+                    kept_local = _all_gather_heads(kept_run, counts, group)[:, assignment[rank]]
     local_heads = assignment[rank]
     local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
-    if lists is not None:  # kv lists written by the fused kernel for exactly these rows (the Triton backend reads them)
-        local_mask._cache["kv"] = lists
 
     # ---- all-to-all: sequence shards -> full sequence for own heads, in tiled order -------------
     # Copies are the cost here (a full-sequence q, k, v for a rank's heads is ~1 GB at Wan 14B
@@ -499,7 +297,7 @@ def ulysses_nabla_attention(
     perm_idx = None if perm == list(range(H)) else torch.tensor(perm, device=q.device)
     h_r = len(local_heads)
     send_rows = [len(a) for a in assignment]
-    gather_in, gather_out, slot_valid, seg_in, seg_out = _gathers_on(layout, tuple(sizes), h_r, B, q.device)
+    gather_in, gather_out, slot_valid, seg_in, seg_out = gathers(layout, tuple(sizes), h_r, B, q.device)
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
         # Own valid tokens, padded to c slots, heads grouped by destination rank; rows = heads.
@@ -523,8 +321,8 @@ def ulysses_nabla_attention(
         timer.start("attention")
     if h_r > 0:
         out_t = nabla_attention(
-            qt, kt, vt, grid, threshold, sta_window, text_tokens, text_position,
-            mask=local_mask, backend=backend, layout="tiled", query_block=query_block, scale=scale,
+            qt, kt, vt, grid, None, None, text_tokens, text_position,
+            mask=local_mask, backend=backend, token_order="tiled", scale=scale,
         )  # fmt: skip
     else:
         out_t = vt  # [B, 0, tiled_len, Dv]: nothing to attend (the all-to-all node stays in the graph)

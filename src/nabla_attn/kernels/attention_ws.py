@@ -1,71 +1,68 @@
 """Warp-specialised block-sparse attention forward for Hopper, written in Gluon.
 
-Same contract as :func:`nabla_attn.kernels.attention._attn_fwd` for 128-row query tables (one list
-of kept 64-token key blocks per 128-row query tile; tiled ``[B*H*S, D]`` tensors): writes ``O`` and
-the base-2 log-sum-exp, and a row with no kept key gets output 0 and log-sum-exp ``+inf``.
+Same contract as the Triton forward (:func:`nabla_attn.kernels.attention.forward`) for 128-row
+query tables (one list of kept 64-token key blocks per 128-row query tile; tiled ``[B*H*S, D]``
+tensors): writes ``O`` and the base-2 log-sum-exp, and a row with no kept key gets output 0 and
+log-sum-exp ``+inf``.
 
 Why a second kernel: the Triton kernel runs the softmax and the tensor-core products of one tile in
 one instruction stream, so each waits for the other (docs/kernel-notes.md, v9-v20). Here one CTA
 holds three partitions, as in FlashAttention-3:
-- a 1-warp producer issues the TMA copies of Q and of each listed K and V block into a ring of
+- a 1-warp producer issues the TMA copies of Q and of each step's K and V into a ring of
   ``NUM_STAGES`` shared-memory slots, and refills a slot once both consumers released it;
-- two 4-warp consumers each own 64 of the tile's 128 query rows. Each issues the next block's
-  ``Q.K^T`` asynchronously before this block's ``P.V`` and runs the softmax while both products are
+- two 4-warp consumers each own 64 of the tile's 128 query rows. Each issues the next step's
+  ``Q.K^T`` asynchronously before this step's ``P.V`` and runs the softmax while both products are
   in flight, so the tensor cores and the FMA/exp units work at the same time. The two consumers
   share every K/V copy.
-With ``PAIR`` a step covers two listed key blocks (128 keys): half the accumulator rescales, row
-reductions and barrier waits per key (15.6 vs 16.6 ms at Wan 14B 720p, 10 %, H200).
-Registers are rebalanced per partition (``setmaxnreg``): 240 per consumer thread, 24 for the
-producer.
+A step covers two listed key blocks (128 keys): half the accumulator rescales, row reductions and
+barrier waits per key of one-block steps. Registers are rebalanced per partition (``setmaxnreg``):
+240 per consumer thread, 24 for the producer.
+
+Gluon is Triton's experimental dialect and its API moves between releases: the kernel runs on the
+release series it was validated on (:func:`gluon_validated`).
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
+from ..constants import BLOCK_TOKENS
+
 ROWS = gl.constexpr(64)  # query rows per consumer, and tokens per key block
+LOG2E = 1.4426950408889634
+SMEM_BYTES = 227 * 1024  # shared memory per CTA on Hopper
 
 
 @gluon.jit
-def _step_counts(IDX_row, BCNT, step, cnt, PAD: gl.constexpr, PAIR: gl.constexpr):
-    """Real tokens in the key block(s) of one step: ``(n0, n1)`` for list entries ``2*step`` and
-    ``2*step + 1`` with ``PAIR`` (``n1`` = 0 past the list's end), else ``(n0, 64)`` for entry
-    ``step``. Without ``PAD`` every block is whole (64). (``ROWS + 0 * cnt`` makes the constant a
-    runtime scalar, the type the loaded counts have, so every branch returns the same types.)"""
-    if PAIR:
-        j0 = 2 * step
-        has2 = j0 + 1 < cnt
-        if PAD:
-            n0 = gl.load(BCNT + gl.load(IDX_row + j0))
-            n1 = gl.load(BCNT + gl.load(IDX_row + gl.minimum(j0 + 1, cnt - 1)))
-        else:
-            n0 = ROWS + 0 * cnt
-            n1 = ROWS + 0 * cnt
-        n1 = gl.where(has2, n1, 0)
+def _step_counts(IDX_row, BCNT, step, cnt, PAD: gl.constexpr):
+    """Real tokens in the two key blocks of one step: ``(n0, n1)`` for list entries ``2*step`` and
+    ``2*step + 1`` (``n1`` = 0 past the list's end). Without ``PAD`` every block is whole (64).
+    (``ROWS + 0 * cnt`` makes the constant a runtime scalar, the type the loaded counts have.)"""
+    j0 = 2 * step
+    has2 = j0 + 1 < cnt
+    if PAD:
+        n0 = gl.load(BCNT + gl.load(IDX_row + j0))
+        n1 = gl.load(BCNT + gl.load(IDX_row + gl.minimum(j0 + 1, cnt - 1)))
     else:
-        if PAD:
-            n0 = gl.load(BCNT + gl.load(IDX_row + step))
-        else:
-            n0 = ROWS + 0 * cnt
+        n0 = ROWS + 0 * cnt
         n1 = ROWS + 0 * cnt
+    n1 = gl.where(has2, n1, 0)
     return n0, n1
 
 
 @gluon.jit
-def _masked_scores(s, n0, n1, PAD: gl.constexpr, PAIR: gl.constexpr, col_layout: gl.constexpr):
-    """Scores against a step's key block(s) with their padding slots (and a missing second block)
+def _masked_scores(s, n0, n1, col_layout: gl.constexpr):
+    """Scores against a step's two key blocks with their padding slots (and a missing second block)
     at ``-inf``. The branch is uniform: only edge blocks and a list's odd last step take it."""
-    if PAIR:
-        if (n0 < ROWS) | (n1 < ROWS):
-            cols = gl.arange(0, 2 * ROWS, layout=col_layout)
-            ok = gl.where(cols < ROWS, cols < n0, cols - ROWS < n1)
-            s = gl.where(gl.expand_dims(ok, 0), s, float("-inf"))
-    elif PAD:
-        if n0 < ROWS:
-            cols = gl.arange(0, ROWS, layout=col_layout)
-            s = gl.where(gl.expand_dims(cols < n0, 0), s, float("-inf"))
+    if (n0 < ROWS) | (n1 < ROWS):
+        cols = gl.arange(0, 2 * ROWS, layout=col_layout)
+        ok = gl.where(cols < ROWS, cols < n0, cols - ROWS < n1)
+        s = gl.where(gl.expand_dims(ok, 0), s, float("-inf"))
     return s
 
 
@@ -86,9 +83,8 @@ def _softmax_step(s, m_i, l_i, qk_scale):
 @gluon.jit
 def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
               O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
-              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
-              PAIR: gl.constexpr):
-    BLOCK_N: gl.constexpr = ROWS * (2 if PAIR else 1)
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+    BLOCK_N: gl.constexpr = 2 * ROWS
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -104,16 +100,16 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
     l_i = gl.zeros([ROWS], gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
     s = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    steps = (cnt + 1) // 2 if PAIR else cnt
+    steps = (cnt + 1) // 2
     mbarrier.wait(q_bar, 0)
     if steps > 0:
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
         # Block counts are read one step ahead, so their two dependent loads never stall the loop.
-        n0, n1 = _step_counts(IDX_row, BCNT, gl.minimum(1, steps - 1), cnt, PAD, PAIR)
-        c0, c1 = _step_counts(IDX_row, BCNT, 0, cnt, PAD, PAIR)
+        n0, n1 = _step_counts(IDX_row, BCNT, gl.minimum(1, steps - 1), cnt, PAD)
+        c0, c1 = _step_counts(IDX_row, BCNT, 0, cnt, PAD)
         s = warpgroup_mma_wait(0, deps=(s, ))
-        s = _masked_scores(s, c0, c1, PAD, PAIR, col_s)
+        s = _masked_scores(s, c0, c1, col_s)
         m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale)
         p = p.to(dtype)
         for j in range(steps - 1):
@@ -126,9 +122,9 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
             s = warpgroup_mma(q, k_bufs.index(st_nx).permute((1, 0)), s, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(st), (j // NUM_STAGES) & 1)
             acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_bufs.index(st), acc, is_async=True)
-            a0, a1 = _step_counts(IDX_row, BCNT, gl.minimum(nx + 1, steps - 1), cnt, PAD, PAIR)
+            a0, a1 = _step_counts(IDX_row, BCNT, gl.minimum(nx + 1, steps - 1), cnt, PAD)
             s = warpgroup_mma_wait(1, deps=(s, ))
-            s = _masked_scores(s, n0, n1, PAD, PAIR, col_s)
+            s = _masked_scores(s, n0, n1, col_s)
             n0, n1 = a0, a1
             m_i, l_i, p_f, alpha = _softmax_step(s, m_i, l_i, qk_scale)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
@@ -152,67 +148,58 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         gl.store(O + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), out.to(dtype))
         lse = gl.where(has, m_i + gl.log2(l_safe), float("inf"))
-        gl.store(LSE + row0 + first + gl.arange(0, ROWS, layout=row_s), lse)
+        gl.store(LSE + (row0 + first + gl.arange(0, ROWS, layout=row_s)).to(gl.int64), lse)
 
 
 @gluon.jit
 def _producer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
               O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
-              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
-              PAIR: gl.constexpr):
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
     # Rows past the head's end belong to the next head (or lie past the tensor: zero-filled); the
     # consumer that gets them never stores its result.
     mbarrier.expect(q_bar, 2 * Q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row, 0], q_bar, q_smem.index(0))
     tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row + ROWS, 0], q_bar, q_smem.index(1))
-    steps = (cnt + 1) // 2 if PAIR else cnt
-    nbytes: gl.constexpr = K_desc.block_type.nbytes * (2 if PAIR else 1)
+    steps = (cnt + 1) // 2
+    nbytes: gl.constexpr = K_desc.block_type.nbytes * 2
     for j in range(steps):
         st = j % NUM_STAGES
         # Slots start free: the first pass waits on the phase before the barrier's first.
         mbarrier.wait(kv_empty.index(st), ((j // NUM_STAGES) & 1) ^ 1)
         k_buf = k_bufs.index(st)
         v_buf = v_bufs.index(st)
-        if PAIR:
-            # An odd list's last step loads its block twice; the consumers mask the copy.
-            row_a = row0 + gl.load(IDX_row + 2 * j) * ROWS
-            row_b = row0 + gl.load(IDX_row + gl.minimum(2 * j + 1, cnt - 1)) * ROWS
-            mbarrier.expect(k_ready.index(st), nbytes)
-            tma.async_copy_global_to_shared(K_desc, [row_a, 0], k_ready.index(st), k_buf.slice(0, ROWS))
-            tma.async_copy_global_to_shared(K_desc, [row_b, 0], k_ready.index(st), k_buf.slice(ROWS, ROWS))
-            mbarrier.expect(v_ready.index(st), nbytes)
-            tma.async_copy_global_to_shared(V_desc, [row_a, 0], v_ready.index(st), v_buf.slice(0, ROWS))
-            tma.async_copy_global_to_shared(V_desc, [row_b, 0], v_ready.index(st), v_buf.slice(ROWS, ROWS))
-        else:
-            key_row = row0 + gl.load(IDX_row + j) * ROWS
-            mbarrier.expect(k_ready.index(st), nbytes)
-            tma.async_copy_global_to_shared(K_desc, [key_row, 0], k_ready.index(st), k_buf)
-            mbarrier.expect(v_ready.index(st), nbytes)
-            tma.async_copy_global_to_shared(V_desc, [key_row, 0], v_ready.index(st), v_buf)
+        # An odd list's last step loads its block twice; the consumers mask the copy.
+        row_a = row0 + gl.load(IDX_row + 2 * j) * ROWS
+        row_b = row0 + gl.load(IDX_row + gl.minimum(2 * j + 1, cnt - 1)) * ROWS
+        mbarrier.expect(k_ready.index(st), nbytes)
+        tma.async_copy_global_to_shared(K_desc, [row_a, 0], k_ready.index(st), k_buf.slice(0, ROWS))
+        tma.async_copy_global_to_shared(K_desc, [row_b, 0], k_ready.index(st), k_buf.slice(ROWS, ROWS))
+        mbarrier.expect(v_ready.index(st), nbytes)
+        tma.async_copy_global_to_shared(V_desc, [row_a, 0], v_ready.index(st), v_buf.slice(0, ROWS))
+        tma.async_copy_global_to_shared(V_desc, [row_b, 0], v_ready.index(st), v_buf.slice(ROWS, ROWS))
 
 
 @gluon.jit
 def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, i_h, i_r, H, S, qk_scale,
-                 HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr, PAIR: gl.constexpr):
+                 HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
     """One program per (128-row query tile, batch*head). ``Q_desc``/``K_desc``/``V_desc``: tensor
     descriptors over contiguous ``[B*H*S, D]`` with 64 x D boxes; ``O`` contiguous like q; ``LSE``
     ``[B*H*S]`` float32; ``CNT``/``IDX``: the 128-row table's kv lists; ``BCNT``: real tokens per
     key block (read only with ``PAD``)."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(gl.int64)
+    h = (bh % H).to(gl.int64)
     cnt = gl.load(CNT + b * c_b + h * c_h + pid_m)
     IDX_row = IDX + b * i_b + h * i_h + pid_m * i_r
+    # Box coordinates of the copy engine are 32-bit: B*H*S rows stay far below 2^31.
     row0 = bh * S
     tile_row = pid_m * (2 * ROWS)
 
     q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
-    # ``PAIR``: a slot holds two listed key blocks (a 128-key step: half the softmax rescales and
-    # loop overheads per key).
-    BLOCK_N: gl.constexpr = ROWS * (2 if PAIR else 1)
-    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], K_desc.layout)
-    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], V_desc.layout)
+    # A slot holds two listed key blocks (a 128-key step).
+    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, 2 * ROWS, HEAD_DIM], K_desc.layout)
+    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, 2 * ROWS, HEAD_DIM], V_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -226,9 +213,52 @@ def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, 
 
     gl.warp_specialize([
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, PAIR)),
+                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD, PAIR)),
+                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD)),
         (_producer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, PAIR)),
+                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
     ], [4, 1], [240, 24])
+
+
+# ------------------------------------------------------------------------------------------ launcher
+@functools.cache
+def gluon_validated() -> bool:
+    """Whether this Triton is the release series the kernel was validated on (3.6)."""
+    import triton
+
+    return tuple(int(x) for x in triton.__version__.split(".")[:2]) == (3, 6)
+
+
+def smem_bytes(stages: int, head_dim: int, element_size: int) -> int:
+    """Shared memory of the kernel: two Q halves and ``stages`` K and V slots of 128 keys."""
+    return (2 + 4 * stages) * BLOCK_TOKENS * head_dim * element_size
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
+            block_counts: torch.Tensor, scale: float, *, padded: bool, stages: int = 3
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and base-2 log-sum-exp of contiguous tiled fp16/bf16 q, k, v ``[B, H, S, D]`` (D 64 or
+    128) under a 128-row table's kv lists; ``scale`` must be positive (it folds into exp2)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .attention import bh_strides
+
+    B, H, S, D = q.shape
+    need = smem_bytes(stages, D, q.element_size())
+    if need > SMEM_BYTES:
+        raise ValueError(f"the warp-specialised forward with {stages} stages needs {need // 1024} KiB of shared "
+                         f"memory at head_dim {D}; Hopper has {SMEM_BYTES // 1024} KiB")
+    o = torch.empty_like(q)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    layout = gl.NVMMASharedLayout.get_default_for(
+        [BLOCK_TOKENS, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
+    qd, kd, vd = (TensorDescriptor.from_tensor(x.view(B * H * S, D), [BLOCK_TOKENS, D], layout) for x in (q, k, v))
+    _attn_fwd_ws[(-(-S // 128), B * H)](
+        qd, kd, vd, o, lse, counts, indices, block_counts, *bh_strides(counts), *bh_strides(indices),
+        indices.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=stages, PAD=padded,
+        # 3 warpgroups (two 4-warp consumers, a 1-warp producer) at 168 registers; setmaxnreg then
+        # moves them to 240 per consumer thread and 24 for the producer.
+        num_warps=4, maxnreg=168,
+    )  # fmt: skip
+    return o, lse

@@ -1,4 +1,5 @@
-"""Fused NABLA block-table builder: softmax + CDF cut + STA + text + query grouping + kv lists.
+"""Fused NABLA block-table builder: pooling, block scores, softmax + CDF cut + STA + text + query
+grouping + kv lists, and row compaction of any bool table.
 
 The eager definition (:func:`nabla_attn.masks.cdf_keep`) sorts every probability row, takes a running
 sum, maps ties with ``searchsorted`` and scatters back through the sort order: at Wan 14B 720p that is
@@ -18,23 +19,26 @@ against the eager float32 matmul). Blocks whose running sum lies within rounding
 flip (H200: 6 of 44.1 M table entries at Wan 14B 720p, 37 of 94.5 M at HunyuanVideo 720p).
 
 The same program ORs in the STA window (from block coordinates), keeps text rows and columns,
-ORs consecutive 64-rows for ``query_block=128``, writes the bool row and compacts it into the kv
+ORs consecutive 64-rows for 128-token query rows, writes the bool row and compacts it into the kv
 list (``tl.cumsum`` positions, no sort). Before it, one kernel pools q and k (one read of each, in
 their dtype) and one computes the float32 ``[B, H, Nv, Nv]`` scores on tensor cores (``tf32x3``).
+
+Launchers take raw tensors and plain numbers; the table's meaning lives in ``nabla_attn.masks``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ..grid import BLOCK_TOKENS, TokenLayout, block_counts_on
-from ..masks import BlockSparseMask, check_mask_args
+from ..constants import BLOCK_TOKENS
 
+# Warps of the pooling program (docs/kernel-notes.md v22). The tiling kernel pools with the same
+# count, so its block means are the same bits (kernels/permute.py).
+POOL_WARPS = 2
 
 
 @triton.jit
@@ -79,10 +83,10 @@ def _n_bad(p):
 
 
 @triton.jit
-def _cut_keep(bits, hi, reached, bad, r, cols, NV):
-    """The CDF cut's keeps: entries at or above the cut value ``hi`` of rows whose mass reaches the
-    cut; every video column of rows with a NaN/inf probability."""
-    sel = ((bits >= hi[:, None]) & reached[:, None]) | bad[:, None]
+def _cut_keep(bits, hi, bad, r, cols, NV):
+    """The CDF cut's keeps: entries at or above the cut value ``hi``; every video column of rows
+    with a NaN/inf probability."""
+    sel = (bits >= hi[:, None]) | bad[:, None]
     return (sel & (cols < NV)[None, :] & (r < NV)[:, None]).to(tl.int32)
 
 
@@ -121,7 +125,7 @@ def _nabla_rows_kernel(
     ``TAIL`` segment (1,050 columns: 1,024 + 32 lanes rather than 2,048). ``GROUP == 2`` writes
     their OR as one 128-token query row."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     r = pid * 2 + tl.arange(0, 2)
@@ -154,8 +158,12 @@ def _nabla_rows_kernel(
             go_lo = (_sum_at_or_below(pa, ba, mid) + _sum_at_or_below(pb, bb, mid)) >= cut
             hi = tl.where(go_lo, mid, hi)
             lo = tl.where(go_lo, lo, mid)
-        keep_a = keep_a | _cut_keep(ba, hi, reached, bad, r, ca, NV)
-        keep_b = keep_b | _cut_keep(bb, hi, reached, bad, r, cb, NV)
+        # With exact sums a row's largest probability always reaches the cut; where float32 rounding
+        # leaves the row's total below it (a threshold near 0), keep the largest block (and its ties).
+        top = tl.maximum(tl.max(ba, axis=1), tl.max(bb, axis=1))
+        hi = tl.where(reached, hi, top)
+        keep_a = keep_a | _cut_keep(ba, hi, bad, r, ca, NV)
+        keep_b = keep_b | _cut_keep(bb, hi, bad, r, cb, NV)
     KEPT_row = KEPT_ptr + b * k_b + h * k_h
     IDX_row = IDX_ptr + b * i_b + h * i_h
     CNT_row = CNT_ptr + b * c_b + h * c_h
@@ -178,19 +186,76 @@ def row_segments(nb: int) -> tuple[int, int]:
     return main, triton.next_power_of_2(rest)
 
 
+def nabla_table(
+    scores: torch.Tensor | None,
+    *,
+    device: torch.device,
+    num_video_blocks: int,
+    num_blocks: int,
+    tile_rows: int,
+    tile_cols: int,
+    cut: float | None,
+    window: tuple[int, int, int] | None,
+    group: int,
+    write_lists: bool = True,
+    row_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused row kernel: bool table ``[B, H, Qb, Kb]`` and its kv lists ``(counts [B,H,Qb],
+    indices [B,H,Qb,Kb])`` (int32; size-1 placeholders unless ``write_lists``).
+
+    ``scores``: float32 pre-softmax block scores ``[B, H, Nv, Nv]`` on ``device`` (None with ``cut``
+    None: STA alone, batch and heads 1). ``cut`` = ``1 - threshold`` as float32 compares it. ``window``:
+    STA half-widths ``(wT//2, wH//2, wW//2)`` in blocks. ``group``: 64-token rows per query row (1, 2).
+    Text rows and columns (blocks ``>= num_video_blocks``) are kept.
+    """
+    nv, nb = num_video_blocks, num_blocks
+    nq = -(-nb // group)
+    dev = device
+    if cut is None or scores is None:
+        if cut is not None:
+            raise ValueError("nabla_table: a cut needs scores")
+        scores = torch.empty(1, 1, 1, 1, device=dev, dtype=torch.float32)
+        B, H = 1, 1
+    else:
+        scores = scores.contiguous()
+        B, H = scores.shape[:2]
+    kept = torch.empty(B, H, nq, nb, dtype=torch.bool, device=dev)
+    if write_lists:
+        counts = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
+        idx = torch.empty(B, H, nq, nb, dtype=torch.int32, device=dev)
+    else:  # placeholders the kernel never writes
+        counts = torch.empty(1, 1, 1, dtype=torch.int32, device=dev)
+        idx = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev)
+    wt, wr, wc = window if window is not None else (0, 0, 0)
+    main, tail = row_segments(nb)
+    _nabla_rows_kernel[(-(-nb // 2), B * H)](
+        scores, kept.view(torch.uint8), counts, idx,
+        scores.stride(0), scores.stride(1), scores.stride(2),
+        kept.stride(0), kept.stride(1), kept.stride(2),
+        counts.stride(0), counts.stride(1),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        H, nv, nb, 1.0 if cut is None else float(cut), wt, wr, wc, tile_rows, tile_cols,
+        HAS_THR=cut is not None, HAS_STA=window is not None, GROUP=group,
+        # The bisection is bound by instruction issue: ~NB lanes per row and two rows per program,
+        # 1 warp for 128-token rows and 2 for 64 (docs/kernel-notes.md v13-v18).
+        WRITE_LISTS=write_lists, MAIN=main, TAIL=tail, num_warps=row_warps or (1 if group == 2 else 2),
+    )  # fmt: skip
+    return kept, counts, idx
+
+
 @triton.jit
 def _pool_kernel(X, Y, OUT_X, OUT_Y, BCNT, s_b, s_h, s_s, H, NV, HEAD_DIM: tl.constexpr, TWO: tl.constexpr):
     """Mean of each block's real tokens: one program per (block, batch*head), fp32 accumulation.
 
-    Padding slots hold zeros (``tile`` writes them), so the sum runs over all 64 rows and only
-    the divisor uses the real count. q (and k, with ``TWO``: both loads in flight in one program)
-    is read once, in its own dtype (no float32 copy).
+    Padding slots hold zeros (tiling writes them), so the sum runs over all 64 rows and only the
+    divisor uses the real count. q (and k, with ``TWO``: both loads in flight in one program) is read
+    once, in its own dtype (no float32 copy).
     """
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
-    rows = blk * 64 + tl.arange(0, 64)
+    rows = (blk * 64 + tl.arange(0, 64)).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     off = b * s_b + h * s_h + rows[:, None] * s_s + d[None, :]
     cnt = tl.load(BCNT + blk).to(tl.float32)
@@ -201,47 +266,57 @@ def _pool_kernel(X, Y, OUT_X, OUT_Y, BCNT, s_b, s_h, s_s, H, NV, HEAD_DIM: tl.co
     tl.store(OUT_X + (bh * NV + blk) * HEAD_DIM + d, tl.sum(x, 0) / cnt)
 
 
+def poolable(x: torch.Tensor) -> bool:
+    """Whether the pooling kernel serves ``x`` (a power-of-two head_dim up to 256, unit stride in D)."""
+    return x.shape[-1] in (16, 32, 64, 128, 256) and x.stride(-1) == 1
+
+
+def pool_pair(q: torch.Tensor, k: torch.Tensor, block_counts: torch.Tensor, n: int, *,
+              warps: int = POOL_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 means ``[B, H, n, D]`` of the first ``n`` 64-row blocks of tiled q and k ``[B, H, S, D]``
+    (same shape and strides, :func:`poolable`), divided by ``block_counts[:n]`` (int32), in one pass."""
+    B, H, _, D = q.shape
+    if not (poolable(q) and k.shape == q.shape and k.stride() == q.stride()):
+        raise ValueError(f"pool_pair needs q, k of one shape and strides with a power-of-two head_dim, got "
+                         f"{tuple(q.shape)} {q.stride()} and {tuple(k.shape)} {k.stride()}")
+    qa = torch.empty(B, H, n, D, dtype=torch.float32, device=q.device)
+    ka = torch.empty_like(qa)
+    _pool_kernel[(n, B * H)](q, k, qa, ka, block_counts, q.stride(0), q.stride(1), q.stride(2),
+                             H, n, HEAD_DIM=D, TWO=True, num_warps=warps)
+    return qa, ka
+
+
 @triton.jit
 def _compact_kernel(
     T_ptr, CNT_ptr, IDX_ptr,
     t_b, t_h, t_r, t_c,
     c_b, c_h,
     i_b, i_h, i_r,
-    H, NR, NC, NC_OUT,
-    RGROUP: tl.constexpr, CGROUP: tl.constexpr, BLOCK: tl.constexpr,
+    H, NC,
+    BLOCK: tl.constexpr,
 ):
-    """Row compaction of a bool table (any strides): ``out[r, c] = OR of T[r*RG + i, c*CG + j]``."""
+    """Row compaction of a bool table (any strides), one row per program."""
     row = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     cols = tl.arange(0, BLOCK)
-    ok = cols < NC_OUT
-    keep = tl.zeros([BLOCK], dtype=tl.int32)
-    base = T_ptr + b * t_b + h * t_h
-    for i in tl.static_range(RGROUP):
-        for j in tl.static_range(CGROUP):
-            rr = row * RGROUP + i
-            cc = cols * CGROUP + j
-            v = tl.load(base + rr * t_r + cc * t_c, mask=ok & (rr < NR) & (cc < NC), other=0)
-            keep = keep | (v != 0).to(tl.int32)
-    keep = tl.where(ok, keep, 0)
+    ok = cols < NC
+    v = tl.load(T_ptr + b * t_b + h * t_h + row * t_r + cols * t_c, mask=ok, other=0)
+    keep = (v != 0).to(tl.int32)
     pos = tl.cumsum(keep, axis=0) - 1
     tl.store(IDX_ptr + b * i_b + h * i_h + row * i_r + pos, cols, mask=keep != 0)
     tl.store(CNT_ptr + b * c_b + h * c_h + row, tl.sum(keep, axis=0))
 
 
-def compact_table(kept: torch.Tensor, row_group: int = 1, col_group: int = 1, *, transpose: bool = False,
-                  n_cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts int32 ``[B, H, R]`` and ascending index lists int32 ``[B, H, R, C]`` of a bool table.
+def compact(kept: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts int32 ``[B, H, R]`` and ascending index lists int32 ``[B, H, R, C]`` of a bool table
+    ``[B, H, rows, cols]`` (any strides; size-1 batch/head dimensions stay size 1).
 
     ``transpose=True`` compacts columns instead (the q-side lists the backward pass needs).
-    ``row_group``/``col_group`` OR that many consecutive rows/columns first (64-row table ->
-    128-row tiles). Broadcast (size-1) batch/head dimensions stay size 1. ``n_cols`` overrides the
-    output column count (used when an odd row count is grouped).
     """
     if kept.dtype != torch.bool or kept.dim() != 4:
-        raise ValueError(f"compact_table needs a 4-D bool table, got {kept.dtype} {tuple(kept.shape)}")
+        raise ValueError(f"compact needs a 4-D bool table, got {kept.dtype} {tuple(kept.shape)}")
     t = kept.view(torch.uint8)
     B, H = t.shape[:2]
     sb, sh, sr, sc = t.stride()
@@ -249,17 +324,14 @@ def compact_table(kept: torch.Tensor, row_group: int = 1, col_group: int = 1, *,
     if transpose:
         sr, sc = sc, sr
         nr, nc = nc, nr
-    r_out = -(-nr // row_group)
-    c_out = n_cols if n_cols is not None else -(-nc // col_group)
-    counts = torch.empty(B, H, r_out, dtype=torch.int32, device=kept.device)
-    idx = torch.empty(B, H, r_out, c_out, dtype=torch.int32, device=kept.device)
-    block = triton.next_power_of_2(c_out)
-    _compact_kernel[(r_out, B * H)](
+    counts = torch.empty(B, H, nr, dtype=torch.int32, device=kept.device)
+    idx = torch.empty(B, H, nr, nc, dtype=torch.int32, device=kept.device)
+    block = triton.next_power_of_2(nc)
+    _compact_kernel[(nr, B * H)](
         t, counts, idx, sb, sh, sr, sc,
         counts.stride(0), counts.stride(1), idx.stride(0), idx.stride(1), idx.stride(2),
-        H, nr, nc, c_out, RGROUP=row_group, CGROUP=col_group, BLOCK=block,
-        num_warps=4 if block <= 1024 else 8,
-    )
+        H, nc, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
     return counts, idx
 
 
@@ -283,168 +355,15 @@ def block_scores(qa: torch.Tensor, ka: torch.Tensor, precision: str = "tf32x3", 
     """NABLA's block scores ``qa @ ka^T / sqrt(D)`` in float32, ``[B, H, N, N]`` from ``[B, H, N, D]`` means.
 
     The product runs on tensor cores as three TF32 products (``tf32x3``: the operands split into a
-    TF32 head and remainder), whose error is that of a float32 product (the eager definition's
-    float32 matmul ran on the CUDA cores at a fraction of the speed); ``"ieee"`` computes it on the
-    CUDA cores. Shapes the kernel does not serve go to ``torch.matmul``.
+    TF32 head and remainder), whose error is that of a float32 product; ``"ieee"`` computes it on the
+    CUDA cores. Head dims the kernel does not serve go to ``torch.matmul``.
     """
     B, H, N, D = qa.shape
     div = math.sqrt(D)
-    if not (qa.is_contiguous() and ka.is_contiguous() and ka.shape == qa.shape and D in (16, 32, 64, 128, 256)):
+    if ka.shape != qa.shape or D not in (16, 32, 64, 128, 256):
         return (qa @ ka.transpose(-1, -2)) / div
+    qa, ka = qa.contiguous(), ka.contiguous()
     out = torch.empty(B, H, N, N, dtype=torch.float32, device=qa.device)
     grid = (-(-N // block), -(-N // block), B * H)
     _scores_kernel[grid](qa, ka, out, N, div, HEAD_DIM=D, BLOCK=block, PRECISION=precision, num_warps=warps)
     return out
-
-
-def pool_blocks_lean(x: torch.Tensor, layout: TokenLayout, n: int) -> torch.Tensor:
-    """Mean of the real tokens of the first ``n`` blocks, float32 ``[B, H, n, D]``.
-
-    Accumulates in float32 without a float32 copy of ``x`` (the eager ``x.float()`` would add
-    1.4 GB at Wan 14B 720p). A Triton kernel for power-of-two head dims, else a torch reduction.
-    """
-    B, H, _, D = x.shape
-    if poolable(x):
-        out = torch.empty(B, H, n, D, dtype=torch.float32, device=x.device)
-        _pool_kernel[(n, B * H)](x, x, out, out, block_counts_on(layout, x.device), x.stride(0), x.stride(1),
-                                 x.stride(2), H, n, HEAD_DIM=D, TWO=False, num_warps=4)
-        return out
-    sums = x[:, :, : n * BLOCK_TOKENS].reshape(B, H, n, BLOCK_TOKENS, D).sum(-2, dtype=torch.float32)
-    counts = block_counts_on(layout, x.device)[:n].to(torch.float32)
-    return sums / counts.view(1, 1, -1, 1)
-
-
-# Warps of the pooling program (H200: 0.49 -> 0.37 ms with 2 instead of 4). The tiling kernel pools
-# with the same count, so its block means are the same bits (kernels/permute.py).
-POOL_WARPS = 2
-
-
-def pool_blocks_pair(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, n: int, *,
-                     warps: int = POOL_WARPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pool_blocks_lean` of q and k in one pass (both loads in flight per program)."""
-    if not (poolable(q) and k.shape == q.shape and k.stride() == q.stride()):
-        return pool_blocks_lean(q, layout, n), pool_blocks_lean(k, layout, n)
-    B, H, _, D = q.shape
-    qa = torch.empty(B, H, n, D, dtype=torch.float32, device=q.device)
-    ka = torch.empty_like(qa)
-    _pool_kernel[(n, B * H)](q, k, qa, ka, block_counts_on(layout, q.device), q.stride(0), q.stride(1), q.stride(2),
-                             H, n, HEAD_DIM=D, TWO=True, num_warps=warps)
-    return qa, ka
-
-
-def poolable(x: torch.Tensor) -> bool:
-    """Whether the pooling kernel serves ``x`` (a power-of-two head_dim up to 256, unit stride in D)."""
-    return x.shape[-1] in (16, 32, 64, 128, 256) and x.stride(-1) == 1
-
-
-def build_nabla_mask_fast(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    layout: TokenLayout,
-    threshold: float | None = 0.7,
-    sta_window: Sequence[int] | None = None,
-    *,
-    query_block: int = 64,
-    write_lists: bool = True,
-    means: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> BlockSparseMask:
-    """:func:`nabla_attn.nabla_mask_tiled` through the fused Triton row kernel.
-
-    Same arguments and result as the eager builder (up to float rounding at the cut). With
-    ``write_lists`` the kv lists (``mask.kv_lists()``) are written by the same kernel and cached on
-    the mask, so no separate compaction pass runs. ``means``: q's and k's float32 video-block means
-    ``[B, H, num_video_blocks, D]`` as :func:`pool_blocks_pair` computes them (``tile_pooled``
-    writes them while tiling), so q and k are not read again.
-    """
-    win = check_mask_args(threshold, sta_window, query_block)
-    if q.shape[-2] != layout.tiled_len or k.shape != q.shape:
-        raise ValueError(f"q, k must be tiled [B, H, {layout.tiled_len}, D], got {tuple(q.shape)}, {tuple(k.shape)}")
-    nv = layout.num_video_blocks
-    dev = q.device
-    if means is not None:
-        want = (*q.shape[:2], nv, q.shape[-1])
-        if any(tuple(m.shape) != want or m.dtype != torch.float32 for m in means):
-            raise ValueError(f"means must be float32 {want}, got "
-                             f"{[(m.dtype, tuple(m.shape)) for m in means]}")
-    with torch.no_grad():
-        if threshold is not None:
-            qa, ka = means if means is not None else pool_blocks_pair(q, k, layout, nv)
-            scores = block_scores(qa, ka)
-            del qa, ka
-            cut: float | None = float32_cut(threshold)
-        else:
-            scores = torch.empty(1, 1, 1, 1, device=dev, dtype=torch.float32)
-            cut = None
-        kept, lists = table_from_scores(scores, layout, cut, win, query_block, write_lists=write_lists)
-        del scores
-    mask = BlockSparseMask(kept, layout, query_block)
-    if lists is not None:
-        mask._cache["kv"] = lists
-    return mask
-
-
-def float32_cut(threshold: float) -> float:
-    """The row kernel's cut ``1 - threshold``, rounded to float32 as the kernel compares it."""
-    return float(torch.tensor(1.0 - float(threshold), dtype=torch.float32))
-
-
-def table_from_scores(
-    scores: torch.Tensor,
-    layout: TokenLayout,
-    cut: float | None,
-    sta_window: tuple[int, int, int] | None,
-    query_block: int,
-    *,
-    write_lists: bool = False,
-    row_warps: int | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The fused row kernel on precomputed block scores (``[B, H, Nv, Nv]`` float32, pre-softmax).
-
-    ``cut = 1 - threshold`` as float32 (None: STA only, ``scores`` ignored). Returns the bool table
-    ``[B, H, Qb, Kb]`` (text rows/columns kept, STA ORed in, rows grouped for ``query_block``) and,
-    with ``write_lists``, its kv lists ``(counts, indices)``. Public entry point for callers that
-    compute scores themselves (e.g. from gathered block means in the distributed path).
-    """
-    nv, nb = layout.num_video_blocks, layout.num_blocks
-    group = query_block // BLOCK_TOKENS
-    nq = -(-nb // group)
-    dev = scores.device
-    if cut is None:
-        B, H = 1, 1
-        cut_value = 1.0
-    else:
-        scores = scores.contiguous()
-        B, H = scores.shape[:2]
-        cut_value = float(cut)
-    kept = torch.empty(B, H, nq, nb, dtype=torch.bool, device=dev)
-    if write_lists:
-        counts = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
-        idx = torch.empty(B, H, nq, nb, dtype=torch.int32, device=dev)
-    else:
-        counts = idx = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=dev)
-    wt, wr, wc = ((w // 2 for w in sta_window) if sta_window is not None else (0, 0, 0))
-    _, tr, tc = layout.grid.block_grid
-    main, tail = row_segments(nb)
-    _nabla_rows_kernel[(-(-nb // 2), B * H)](
-        scores, kept.view(torch.uint8), counts, idx,
-        scores.stride(0), scores.stride(1), scores.stride(2),
-        kept.stride(0), kept.stride(1), kept.stride(2),
-        counts.stride(0), counts.stride(1),
-        idx.stride(0), idx.stride(1), idx.stride(2),
-        H, nv, nb, cut_value, wt, wr, wc, tr, tc,
-        HAS_THR=cut is not None, HAS_STA=sta_window is not None, GROUP=group,
-        # The bisection is bound by instruction issue: ~NB lanes per row (not the next power of
-        # two) and two rows per program; H200, Wan 14B 720p: 0.40 ms (128-token rows, 1 warp) and
-        # 0.51 ms (64-token rows, 2 warps) against 0.84-0.85 ms for one 2,048-lane row per
-        # program. Slower, measured: 8 warps per row, 4-16 pivots per step in one 2-D sum
-        # (1.25-2.3 ms), stopping once (lo, hi] holds one value (1.01 ms).
-        WRITE_LISTS=write_lists, MAIN=main, TAIL=tail, num_warps=row_warps or (1 if group == 2 else 2),
-    )
-    return kept, ((counts, idx) if write_lists else None)
-
-
-def fast_mask_available(q: torch.Tensor) -> bool:
-    """True where :func:`build_nabla_mask_fast` runs: CUDA tensors (or anything under the interpreter)."""
-    from triton import knobs
-
-    return bool(q.is_cuda or knobs.runtime.interpret)

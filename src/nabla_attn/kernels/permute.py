@@ -32,9 +32,9 @@ def _gather_rows_kernel(
     a power of two): also ``MEANS[b*H + h, blk] = sum of the block's rows / BCNT[blk]`` for the
     first ``NV`` blocks."""
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     r = pid * ROWS + tl.arange(0, ROWS)
     ok = r < N_OUT
     src = tl.load(IDX + r, mask=ok, other=-1).to(tl.int64)
