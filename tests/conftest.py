@@ -52,3 +52,14 @@ def layout(frames=3, height=13, width=22, text=0, pos="end") -> TokenLayout:
     from nabla_attn import VideoGrid
 
     return TokenLayout(VideoGrid(frames, height, width), text, pos)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """tests/gpu/ holds GPU-only tests: skipped with a visible reason where there is no CUDA GPU
+    (``scripts/test_gpu.sh`` runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: scripts/test_gpu.sh runs it on one")
+    for item in items:
+        if "/tests/gpu/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)

@@ -119,6 +119,14 @@ def _check_mask(mask: BlockSparseMask, layout: TokenLayout, q: torch.Tensor, que
         raise ValueError(f"mask of batch x heads {b}x{h} cannot serve q of {q.shape[0]}x{q.shape[1]}")
 
 
+def _tile_qk(be: _Backend, q: torch.Tensor, k: torch.Tensor, lay: TokenLayout,
+             pool: bool) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Tiled q and k, and their block means where the backend's tiling writes them (``pool``)."""
+    qt, qa = be.tile(q, lay, pool=pool)
+    kt, ka = be.tile(k, lay, pool=pool)
+    return qt, kt, ((qa, ka) if qa is not None and ka is not None else None)
+
+
 def nabla_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -181,11 +189,8 @@ def nabla_attention(
     if order == "tiled":
         qt, kt, vt, means = q, k, v, None
     else:
-        pool = mask is None and spec.threshold is not None
-        qt, qa = be.tile(q, lay, pool=pool)
-        kt, ka = be.tile(k, lay, pool=pool)
+        qt, kt, means = _tile_qk(be, q, k, lay, pool=mask is None and spec.threshold is not None)
         vt, _ = be.tile(v, lay)
-        means = (qa, ka) if qa is not None and ka is not None else None
     if mask is None:
         mask, plan = be.build_mask(qt, kt, lay, spec, means)
     else:
@@ -231,10 +236,7 @@ def nabla_mask(
         if order == "tiled":
             qt, kt, means = q, k, None
         else:
-            pool = spec.threshold is not None
-            qt, qa = be.tile(q, lay, pool=pool)
-            kt, ka = be.tile(k, lay, pool=pool)
-            means = (qa, ka) if qa is not None and ka is not None else None
+            qt, kt, means = _tile_qk(be, q, k, lay, pool=spec.threshold is not None)
         return be.build_mask(qt, kt, lay, spec, means)[0]
 
 

@@ -7,12 +7,14 @@ matter more), which random i.i.d. tensors lack: on those every block map is near
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from .attention import nabla_attention, select_backend
 from .grid import VideoGrid
+from .masks import MaskSpec
 
 
 def _smooth_video_tensor(batch: int, heads: int, grid: VideoGrid, dim: int, gen: torch.Generator) -> torch.Tensor:
@@ -39,13 +41,27 @@ def _parse_triple(text: str, what: str) -> tuple[int, int, int]:
     try:
         a, b, c = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise SystemExit(f"error: {what} must look like 5x30x52, got {text!r}") from None
+        raise ValueError(f"{what} must look like 5x30x52, got {text!r}") from None
     return a, b, c
 
 
 def run(args: argparse.Namespace) -> int:
+    # Bad arguments get one line on stderr and exit status 2, like argparse's own errors.
+    try:
+        return _run(args)
+    except (ValueError, TypeError) as exc:
+        print(f"nabla example: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     grid = VideoGrid(*_parse_triple(args.grid, "--grid"))
     window = _parse_triple(args.sta_window, "--sta-window") if args.sta_window else None
+    MaskSpec(args.threshold, window)  # checks the threshold and window before any work
+    if args.heads < 1 or args.head_dim < 1:
+        raise ValueError(f"--heads and --head-dim must be >= 1, got {args.heads} and {args.head_dim}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(args.seed)
