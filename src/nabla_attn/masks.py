@@ -28,6 +28,15 @@ from .constants import BLOCK_TOKENS, QUERY_BLOCKS
 from .grid import TokenLayout, VideoGrid
 
 
+def float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), in plain Python arithmetic, so that it
+    is a constant under ``torch.compile`` (normal numbers and 0; the cut is never subnormal)."""
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * 2**24), exponent - 24)
+
+
 def _window(window: object) -> tuple[int, int, int] | None:
     if window is None:
         return None
@@ -77,9 +86,7 @@ class MaskSpec:
     @property
     def cut(self) -> float | None:
         """``1 - threshold`` rounded to float32, as every builder compares running sums with it."""
-        if self.threshold is None:
-            return None
-        return float(torch.tensor(1.0 - self.threshold, dtype=torch.float32))
+        return None if self.threshold is None else float32(1.0 - self.threshold)
 
     @property
     def half_window(self) -> tuple[int, int, int] | None:

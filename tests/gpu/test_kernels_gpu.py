@@ -19,16 +19,19 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 def local_qk(layout: TokenLayout, heads: int, dim: int, seed: int = 0, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Natural-order q, k with local attention structure (random Fourier features of each token's
-    (t, h, w) position plus noise), so block maps are far from uniform, as in trained video DiTs."""
+    """Natural-order q, k with local attention structure, as the benchmarks build them: random
+    Fourier features of each token's (t, h, w) position whose dot products approximate a Gaussian
+    kernel of token distance, a length scale growing with the head index, plus noise. Block maps
+    are then far from uniform, as in trained video DiTs."""
     g = layout.grid
     gen = torch.Generator(device="cuda").manual_seed(seed)
     n = torch.arange(g.num_tokens, device="cuda")
     pos = torch.stack([n // (g.height * g.width), (n // g.width) % g.height, n % g.width], 1).float()
-    scale = torch.tensor([1.0, 5.0, 5.0], device="cuda")
-    w = torch.randn(batch, heads, 3, dim, device="cuda", generator=gen) / scale[:, None]
+    h = torch.arange(heads, device="cuda", dtype=torch.float32).view(1, heads, 1, 1)
+    ell = torch.cat([1.0 + 0.15 * h, 4.0 + 0.8 * h, 4.0 + 0.8 * h], -2)  # [1, H, 3, 1]
+    w = torch.randn(batch, heads, 3, dim, device="cuda", generator=gen) / ell
     b = torch.rand(batch, heads, 1, dim, device="cuda", generator=gen) * 2 * math.pi
-    feat = torch.cos(pos @ w + b) * 3.0  # [B, H, N, D]
+    feat = torch.cos(pos @ w + b) * math.sqrt(2.0)  # [B, H, N, D]
     text = torch.randn(batch, heads, layout.text_tokens, dim, device="cuda", generator=gen)
     parts = lambda x: [text, x] if layout.text_position == "start" else [x, text]  # noqa: E731
     q = torch.cat(parts(feat + 0.5 * torch.randn(feat.shape, device="cuda", generator=gen)), 2)
@@ -51,6 +54,7 @@ def token_table(mask: BlockSparseMask) -> torch.Tensor:
 
 
 def errors(got: torch.Tensor, want: torch.Tensor, valid: torch.Tensor) -> tuple[float, float]:
+    got, want = got.detach(), want.detach()
     d = (got.double() - want.double())[..., valid, :]
     return float(d.abs().max()), float(d.norm() / want.double()[..., valid, :].norm())
 
@@ -144,13 +148,16 @@ def test_fused_mask_matches_the_definition_at_wan_720p(query_block: int) -> None
     layout = TokenLayout(VideoGrid(21, 40, 80))
     q, k = local_qk(layout, 40, 128)
     qt, kt = tile(q, layout).bfloat16(), tile(k, layout).bfloat16()
-    for threshold in (0.3, 0.7, 0.95):
+    densities = []
+    for threshold in (0.7, 0.95, 0.995):
         spec = MaskSpec(threshold, None, query_block)
         fused = TRITON.build_mask(qt, kt, layout, spec)[0].kept
         eager = reference_mask(qt, kt, layout, spec).kept
         differ = int((fused != eager).sum())
         assert differ <= 1e-5 * eager.numel(), (threshold, differ, eager.numel())
-        assert 0.01 < float(eager.float().mean()) < 0.99
+        densities.append(float(eager.float().mean()))
+    # The inputs must make the cut matter: sparse to fairly dense tables.
+    assert densities[0] < 0.2 and densities[-1] > 0.2, densities
 
 
 @pytest.mark.parametrize("query_block", [64, 128])
