@@ -14,6 +14,8 @@ eager definitions (:mod:`nabla_attn.grid`, :mod:`nabla_attn.masks`) on every dev
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -28,88 +30,94 @@ from .base import Backend
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _chunk_attention(
-    q: torch.Tensor,  # [B, H, r, qb, D]
-    k_blocks: torch.Tensor,  # [B, H, Nb, 64, D]
-    v_blocks: torch.Tensor,  # [B, H, Nb, 64, Dv]
-    idx: torch.Tensor,  # [B, H, r, kmax] kept key blocks (0 where unused)
-    allowed: torch.Tensor,  # [B, H, r, kmax * 64] key slot is kept and real
-    scale: float,
-) -> torch.Tensor:
-    B, H, r, kmax = idx.shape
-    qb, D = q.shape[-2:]
-    nb = k_blocks.shape[2]
-    # One flat index_select per tensor: much faster than broadcast advanced indexing on CPU.
-    flat = (idx + nb * torch.arange(B * H, device=idx.device).view(B, H, 1, 1)).reshape(-1)
-    keys = k_blocks.reshape(B * H * nb, -1).index_select(0, flat).view(B * H * r, 1, kmax * BLOCK_TOKENS, D)
-    values = v_blocks.reshape(B * H * nb, -1).index_select(0, flat).view(B * H * r, 1, kmax * BLOCK_TOKENS, -1)
+def _gathered(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor, blocks: torch.Tensor,
+              allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of ``r`` query blocks ``q [r, qb, D]`` over their own kept key blocks: ``blocks
+    [r, kmax]`` index ``k_blocks [N, 64, D]`` (0 where unused); ``allowed [r, kmax * 64]`` marks the
+    key slots that are kept and real."""
+    r, qb, D = q.shape
+    kmax = blocks.shape[1]
+    flat = blocks.reshape(-1)
+    keys = k_blocks.index_select(0, flat).view(r, 1, kmax * BLOCK_TOKENS, D)
+    values = v_blocks.index_select(0, flat).view(r, 1, kmax * BLOCK_TOKENS, -1)
     # Each query block is its own attention problem over its gathered keys; SDPA's fused kernels
     # do the softmax over kept keys only (the boolean mask) without materialising extra copies.
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(B * H * r, 1, qb, D), keys, values, attn_mask=allowed.reshape(B * H * r, 1, 1, -1), scale=scale
-    ).view(B, H, r, qb, -1)
+        q.unsqueeze(1), keys, values, attn_mask=allowed.view(r, 1, 1, -1), scale=scale
+    ).squeeze(1)
     # A row with no kept key at all gives 0 (SDPA gives NaN there); every backend does the same.
-    return torch.where(allowed.any(-1)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return torch.where(allowed.any(-1)[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-def _chunk_attention_all_keys(
-    q: torch.Tensor,  # [B, H, r, qb, D]
-    k: torch.Tensor,  # [B, H, S, D]
-    v: torch.Tensor,  # [B, H, S, Dv]
-    allowed: torch.Tensor,  # [B, H, r, S] key token is kept and real
-    scale: float,
-) -> torch.Tensor:
-    B, H, r, qb, D = q.shape
-    token_mask = allowed.unsqueeze(3).expand(B, H, r, qb, -1).reshape(B, H, r * qb, -1)
+def _all_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of ``r`` query blocks ``q [r, qb, D]`` of one (batch, head) over all its keys
+    ``k [S, D]`` with the token mask ``allowed [r, S]``: cheaper than gathering past half the keys."""
+    r, qb, D = q.shape
+    token_mask = allowed.unsqueeze(1).expand(r, qb, -1).reshape(1, 1, r * qb, -1)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(B, H, r * qb, D), k, v, attn_mask=token_mask, scale=scale
-    ).view(B, H, r, qb, -1)
-    return torch.where(allowed.any(-1)[..., None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        q.reshape(1, 1, r * qb, D), k[None, None], v[None, None], attn_mask=token_mask, scale=scale
+    ).view(r, qb, -1)
+    return torch.where(allowed.any(-1)[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _run(fn: Any, grad: bool, *args: Any) -> torch.Tensor:
+    return checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
 
 
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, scale: float
 ) -> torch.Tensor:
-    """Block-sparse attention on tiled ``[B, H, tiled_len, D]`` tensors; returns ``[B, H, tiled_len, Dv]``."""
+    """Block-sparse attention on tiled ``[B, H, tiled_len, D]`` tensors; returns ``[B, H, tiled_len, Dv]``.
+
+    Query blocks of all batch entries and heads are taken in order of their kept-block count, so a
+    chunk pads its key lists only to counts alike (dense text rows do not slow the others)."""
     B, H, S, D = q.shape
     Dv = v.shape[-1]
     layout = mask.layout
     nb, qb, nq = layout.num_blocks, mask.query_block, mask.num_query_blocks
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_len = nq * qb
-    qc = torch.nn.functional.pad(q.to(compute), (0, 0, 0, q_len - S)).view(B, H, nq, qb, D)
-    k_blocks = k.to(compute).view(B, H, nb, BLOCK_TOKENS, D)
-    v_blocks = v.to(compute).view(B, H, nb, BLOCK_TOKENS, Dv)
-
-    counts, idx = compact_rows(mask.expand(B, H).kept)
+    R = B * H * nq
+    qc = torch.nn.functional.pad(q.to(compute), (0, 0, 0, nq * qb - S)).reshape(R, qb, D)
+    kc, vc = k.to(compute).reshape(B * H, nb * BLOCK_TOKENS, D), v.to(compute).reshape(B * H, nb * BLOCK_TOKENS, Dv)
+    k_blocks, v_blocks = kc.view(B * H * nb, BLOCK_TOKENS, D), vc.view(B * H * nb, BLOCK_TOKENS, Dv)
+    kept = mask.expand(B, H).kept.reshape(R, nb)
+    counts, idx = compact_rows(kept)
     slot_real = torch.arange(BLOCK_TOKENS, device=q.device) < layout.block_counts(q.device)[:, None]  # [Nb, 64]
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
-    outs = []
-    start = 0
-    while start < nq:
-        # Rows per chunk from this chunk's widest row, so dense text rows do not slow the others.
-        kmax = max(1, int(counts[:, :, start : start + 8].max()))
-        rows = max(1, _CHUNK_ELEMENTS // (B * H * kmax * BLOCK_TOKENS * max(qb, D)))
-        stop = min(nq, start + rows)
-        kmax = max(1, int(counts[:, :, start:stop].max()))
-        if 2 * kmax > nb:
-            # Gathering copies each kept key block once per query block: past half of all keys,
-            # masked attention over every key is cheaper (and computes the same softmax).
-            allowed = (mask.expand(B, H).kept[:, :, start:stop, :, None] & slot_real).flatten(-2)
-            args = (qc[:, :, start:stop], k.to(compute), v.to(compute), allowed, scale)
-            fn = _chunk_attention_all_keys
-            outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-            start = stop
-            continue
-        used = torch.arange(kmax, device=q.device) < counts[:, :, start:stop, None]  # [B, H, r, kmax]
-        chunk_idx = torch.where(used, idx[:, :, start:stop, :kmax].long(), 0)
-        allowed = (used.unsqueeze(-1) & slot_real[chunk_idx]).flatten(-2)
-        args = (qc[:, :, start:stop], k_blocks, v_blocks, chunk_idx, allowed, scale)
-        outs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if grad else _chunk_attention(*args))
+    order = torch.argsort(counts, stable=True)
+    sorted_counts = counts[order].tolist()
+    first = bisect.bisect_right(sorted_counts, 0)  # rows keeping nothing stay 0
+    # Gathering copies each kept key block once per query block: past half of all keys, masked
+    # attention over every key of the row's (batch, head) is cheaper (and the same softmax).
+    dense_from = bisect.bisect_right(sorted_counts, nb // 2)
+    rows_out: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    start = first
+    while start < dense_from:
+        kmax = sorted_counts[start]
+        stop = start + 1
+        while stop < dense_from and (stop + 1 - start) * sorted_counts[stop] * BLOCK_TOKENS * max(qb, D) <= _CHUNK_ELEMENTS:
+            stop += 1
+        rows = order[start:stop]
+        kmax = sorted_counts[stop - 1]
+        used = torch.arange(kmax, device=q.device) < counts[rows, None]  # [r, kmax]
+        blocks = torch.where(used, idx[rows, :kmax].long(), 0)
+        allowed = (used.unsqueeze(-1) & slot_real[blocks]).flatten(-2)
+        global_blocks = blocks + (rows // nq * nb)[:, None]
+        rows_out.append(rows)
+        outs.append(_run(_gathered, grad, qc[rows], k_blocks, v_blocks, global_blocks, allowed, scale))
         start = stop
-    out = torch.cat(outs, dim=2).view(B, H, q_len, Dv)[:, :, :S]
-    return out.to(q.dtype)
+    dense = order[dense_from:]
+    for bh in torch.unique(dense // nq).tolist():
+        rows = dense[dense // nq == bh]
+        allowed = (kept[rows].unsqueeze(-1) & slot_real).flatten(-2)
+        rows_out.append(rows)
+        outs.append(_run(_all_keys, grad, qc[rows], kc[bh], vc[bh], allowed, scale))
+    out = qc.new_zeros(R, qb, Dv)
+    if outs:
+        out = out.index_copy(0, torch.cat(rows_out), torch.cat(outs))
+    return out.view(B, H, nq * qb, Dv)[:, :, :S].to(q.dtype)
 
 
 @torch.library.custom_op("nabla_attn::reference_attention", mutates_args=())
