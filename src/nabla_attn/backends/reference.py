@@ -79,7 +79,7 @@ def reference_attention(
     R = B * H * nq
     qc = torch.nn.functional.pad(q.to(compute), (0, 0, 0, nq * qb - S)).reshape(R, qb, D)
     kc, vc = k.to(compute).reshape(B * H, nb * BLOCK_TOKENS, D), v.to(compute).reshape(B * H, nb * BLOCK_TOKENS, Dv)
-    k_blocks, v_blocks = kc.view(B * H * nb, BLOCK_TOKENS, D), vc.view(B * H * nb, BLOCK_TOKENS, Dv)
+    k_blocks, v_blocks = kc.reshape(B * H * nb, BLOCK_TOKENS, D), vc.reshape(B * H * nb, BLOCK_TOKENS, Dv)
     kept = mask.expand(B, H).kept.reshape(R, nb)
     counts, idx = compact_rows(kept)
     slot_real = torch.arange(BLOCK_TOKENS, device=q.device) < layout.block_counts(q.device)[:, None]  # [Nb, 64]

@@ -5,9 +5,8 @@
     video = pipe(...).frames[0]
     remove_nabla(pipe)
 
-Only video self-attention becomes sparse (cross-attention stays dense). Supported transformer classes:
-``WanTransformer3DModel`` (Wan 2.1 / 2.2, both experts of A14B pipelines),
-``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel`` and ``LTXVideoTransformer3DModel``.
+Only video self-attention becomes sparse (cross-attention, audio and text streams stay dense).
+``SUPPORTED_MODELS`` lists the transformer classes; docs/diffusers.md says what is sparse in each.
 diffusers is an optional dependency (``pip install 'nabla-attn[diffusers]'``), imported on first use.
 """
 
@@ -20,15 +19,31 @@ from typing import Any
 from ..grid import VideoGrid
 from ._config import NablaConfig
 
-__all__ = ["NablaConfig", "NablaHandle", "NablaStats", "SUPPORTED_MODELS", "apply_nabla", "nabla_stats", "remove_nabla"]
+__all__ = [
+    "NablaConfig", "NablaHandle", "NablaStats", "SUPPORTED_MODELS", "apply_nabla", "model_config", "nabla_stats",
+    "remove_nabla",
+]  # fmt: skip
 
 SUPPORTED_MODELS = (
     "WanTransformer3DModel",
+    "WanVACETransformer3DModel",
+    "WanAnimateTransformer3DModel",
+    "ChronoEditTransformer3DModel",
+    "SkyReelsV2Transformer3DModel",
     "HunyuanVideoTransformer3DModel",
+    "HunyuanVideo15Transformer3DModel",
     "CogVideoXTransformer3DModel",
+    "ConsisIDTransformer3DModel",
     "LTXVideoTransformer3DModel",
+    "LTX2VideoTransformer3DModel",
+    "Kandinsky5Transformer3DModel",
+    "Kandinsky6SRTransformer3DModel",
 )
-_FAMILY_MODULES = ("wan", "hunyuan_video", "cogvideox", "ltx")
+# One module per family; each defines FAMILY (a _core.Family).
+_FAMILY_MODULES = (
+    "wan", "wan_vace", "wan_animate", "chronoedit", "skyreels_v2", "hunyuan_video", "hunyuan_video15",
+    "cogvideox", "consisid", "ltx", "ltx2", "kandinsky5", "kandinsky6_sr",
+)  # fmt: skip
 _PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
 
 
@@ -50,8 +65,11 @@ def _family_of(model: Any, families: list[Any]) -> Any | None:
 
 
 def _transformers(target: Any) -> list[Any]:
-    """The transformers of a pipeline (``transformer`` and, on Wan 2.2 A14B, ``transformer_2``) or the model itself."""
+    """The transformers of a pipeline (``transformer`` and, on Wan 2.2 A14B, ``transformer_2``), a
+    list of transformers, or the model itself."""
     families = _families()
+    if isinstance(target, (list, tuple)):
+        return [m for t in target for m in _transformers(t)]
     if _family_of(target, families) is not None:
         return [target]
     found = [getattr(target, a) for a in _PIPELINE_TRANSFORMERS if getattr(target, a, None) is not None]
@@ -112,12 +130,14 @@ class NablaHandle:
         the transformer's forward normally records it. With forward-level tiling active (see
         ``NablaConfig.tiling``) the blocks then expect tiled hidden states, except the first, which tiles."""
         from ._core import configure_forward, state_of
+        from ._swaps import sync_processors
 
         if not isinstance(grid, VideoGrid):
             raise TypeError(f"grid must be a nabla_attn.VideoGrid, got {type(grid).__name__}")
         for model in self.models:
             state = state_of(model)
             if state is not None:
+                sync_processors(state)  # what the skipped pre-hook would have checked
                 configure_forward(state, grid, sparse, next(model.parameters()).device)
 
     @property
@@ -142,19 +162,36 @@ class NablaHandle:
         remove_nabla(self.models)
 
 
+def model_config(target: Any) -> NablaConfig | None:
+    """The NABLA settings a checkpoint defines itself (Kandinsky 5 with ``attention_type="nabla"``,
+    Kandinsky 6 SR) as a :class:`NablaConfig`, or None where the model defines none."""
+    families = _families()
+    for model in _transformers(target):
+        family = _family_of(model, families)
+        if family.model_config is not None:
+            config = family.model_config(model)
+            if config is not None:
+                return config
+    return None
+
+
 def apply_nabla(target: Any, config: NablaConfig | None = None) -> NablaHandle:
     """Replace the video self-attention of a diffusers pipeline's transformer(s), or of a transformer,
     with NABLA block-sparse attention. Returns a :class:`NablaHandle`.
+
+    ``config=None``: the model's own NABLA settings where its config defines them (Kandinsky 5 NABLA
+    checkpoints, Kandinsky 6 SR: see :meth:`NablaConfig.from_model`), else ``NablaConfig()``.
 
     Raises TypeError for an unsupported model (the message names the supported classes) and
     RuntimeError if NABLA is already applied.
     """
     from ._core import _Session, patch_model, unpatch_model
 
-    config = NablaConfig() if config is None else config
+    models = _transformers(target)
+    if config is None:
+        config = model_config(models) or NablaConfig()
     if not isinstance(config, NablaConfig):
         raise TypeError(f"config must be a NablaConfig, got {type(config).__name__}")
-    models = _transformers(target)
     families = _families()
     session = _Session(config)
     done: list[Any] = []
@@ -192,6 +229,7 @@ def nabla_stats(target: Any) -> NablaStats:
     """Kept density per self-attention layer (see :class:`NablaStats`). With two experts (Wan 2.2)
     layer names are prefixed ``transformer.`` / ``transformer_2.``."""
     from ._core import state_of
+    from ._swaps import runs_nabla
 
     models = _patched_models(target)
     last: dict[str, float] = {}
@@ -206,7 +244,7 @@ def nabla_stats(target: Any) -> NablaStats:
         prefix = "" if len(models) == 1 else f"{_PIPELINE_TRANSFORMERS[i] if i < 2 else f'model{i}'}."
         if state.stats is not None:
             for name, (latest, total, n) in zip(state.names, state.stats.tolist()):
-                if n > 0:
+                if n > 0 and runs_nabla(state, name):  # a replaced processor runs no NABLA: no density
                     last[prefix + name] = latest
                     mean[prefix + name] = total / n
         step, forwards = state.session.step, state.session.forwards

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Any, Literal, Sequence, Union
 
 from ..attention import BACKENDS
 from ..masks import MaskSpec
 from ..validation import as_choice, as_int
+from ._perlayer import calibration_fields, check_extra_fields
 
 LayerSelector = Union[int, str]
 
@@ -37,9 +39,22 @@ class NablaConfig:
             width multiples of 8 tokens), no layer is excluded and the step is sparse; else "layer".
             docs/diffusers.md gives the measured trade-off.
         collect_stats: record each layer's kept block density (read with ``nabla_stats``).
+        layer_thresholds: per-layer settings, ``{layer: value}`` with layers as in ``exclude_layers``
+            (index or module name/prefix); a number replaces ``threshold`` for that layer, a
+            :class:`~nabla_attn.MaskSpec` replaces threshold, window and query block, ``None`` keeps
+            the layer dense (it joins ``exclude_layers``). Stored as a tuple of ``(layer, MaskSpec)``
+            pairs. :meth:`from_calibration` fills it from a :func:`nabla_attn.calibrate` file.
+        mask_reuse_steps: a NABLA table serves up to this many consecutive sparse steps before it is
+            rebuilt from the current q, k (1: rebuilt every step, the default). Off by default
+            because it adds a graph break per layer under torch.compile.
+        mask_reuse_tolerance: with ``mask_reuse_steps > 1``, rebuild earlier when the block means of
+            q or k moved by more than this relative L2 distance since the table was built.
 
     Text tokens need no setting: HunyuanVideo (text after video) and CogVideoX (text before video)
     are handled from the model's own inputs; text blocks are always fully attended.
+
+    Models that carry NABLA settings in their config (Kandinsky 5 NABLA checkpoints, Kandinsky 6 SR)
+    give them through :meth:`from_model`; ``apply_nabla(pipe)`` without a config uses them.
     """
 
     threshold: float | None = 0.7
@@ -50,6 +65,9 @@ class NablaConfig:
     backend: Literal["auto", "reference", "flex", "triton"] = "auto"
     tiling: Literal["auto", "layer", "forward"] = "auto"
     collect_stats: bool = True
+    layer_thresholds: Any = ()
+    mask_reuse_steps: int = 1
+    mask_reuse_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         spec = self.mask_spec  # validates threshold, sta_window and query_block once
@@ -73,6 +91,7 @@ class NablaConfig:
         object.__setattr__(self, "exclude_layers", layers)
         as_choice("backend", self.backend, BACKENDS)
         as_choice("tiling", self.tiling, ("auto", "layer", "forward"))
+        check_extra_fields(self)  # layer_thresholds (dense entries join exclude_layers), mask reuse
 
     @property
     def mask_spec(self) -> MaskSpec:
@@ -81,3 +100,30 @@ class NablaConfig:
             return MaskSpec(self.threshold, self.sta_window, self.query_block)
         except ValueError as exc:
             raise ValueError(f"NablaConfig: {exc}") from None
+
+    @classmethod
+    def from_model(cls, model: Any, **overrides: Any) -> "NablaConfig":
+        """The NABLA settings a checkpoint defines itself, with ``overrides`` (any field) on top.
+
+        Kandinsky 5 (``attention_type="nabla"``): ``threshold=attention_P``, ``sta_window=(attention_wT,
+        attention_wH, attention_wW)`` with even sizes rounded up to the odd size they act as (diffusers
+        keeps ``|d| <= w // 2``), ``query_block=64`` (its 64-token blocks). Kandinsky 6 SR:
+        ``threshold=nabla_threshold``, ``sta_window=nabla_window``. ``model`` may be a pipeline.
+        Raises ValueError for a model without such settings (e.g. Kandinsky 5 ``attention_type="regular"``).
+        """
+        from . import model_config  # needs diffusers: imported on use
+
+        config = model_config(model)
+        if config is None:
+            raise ValueError(
+                f"{type(model).__name__} defines no NABLA settings of its own (only Kandinsky 5 NABLA checkpoints "
+                "and Kandinsky 6 SR do); build a NablaConfig(...) instead"
+            )
+        return dataclasses.replace(config, **overrides)
+
+    @classmethod
+    def from_calibration(cls, source: Any, **overrides: Any) -> "NablaConfig":
+        """The settings a :func:`nabla_attn.calibrate` file (path or parsed JSON) chose: per-layer
+        thresholds (dense layers excluded), dense steps, STA window and query block, with
+        ``overrides`` (any field) on top. Raises FileNotFoundError / ValueError naming the file."""
+        return cls(**{**calibration_fields(source), **overrides})

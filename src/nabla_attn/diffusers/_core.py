@@ -24,6 +24,9 @@ from ..attention import nabla_attention
 from ..constants import TILE
 from ..grid import TokenLayout, VideoGrid
 from ._config import NablaConfig
+from ._perlayer import resolve_layer_specs
+from ._reuse import reuse_attention
+from ._swaps import restore_processors, sync_processors
 
 log = logging.getLogger("nabla_attn.diffusers")
 
@@ -61,6 +64,16 @@ class _Session:
 
 
 @dataclass
+class _Layer:
+    """One patched attention module: the processor it had (the one dense steps call) and ours."""
+
+    module: torch.nn.Module
+    original: Any
+    wrapper: "NablaProcessorBase"
+    index: int  # row in ``_ModelState.stats``
+
+
+@dataclass
 class _ModelState:
     session: _Session
     family: "Family"
@@ -70,13 +83,16 @@ class _ModelState:
     # Forward-level tiling (tiling="forward"/"auto"): set per forward by the pre-hook.
     tiled: bool = False
     layout: TokenLayout | None = None
-    originals: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    layers: dict[str, _Layer] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     # Patched layer names in order, and per layer (last density, sum of densities, sparse forwards),
     # float32 on the model's device: updated in place, so no host sync inside the forward and no
     # Python value for torch.compile to guard on.
     names: list[str] = field(default_factory=list)
     stats: torch.Tensor | None = None
+    # Per-layer masks from ``NablaConfig.layer_thresholds``, resolved once at apply time (name -> spec);
+    # layers not named use the config's own spec.
+    specs: dict[str, Any] = field(default_factory=dict)
 
     def ensure_stats(self, device: torch.device) -> None:
         if self.stats is None or self.stats.device != device:
@@ -106,13 +122,17 @@ class Family:
     model_class: type
     # self-attention modules in execution order: (qualified name, module)
     attention_layers: Callable[[torch.nn.Module], list[tuple[str, torch.nn.Module]]]
-    # (grid, batch, timestep value or None) from the bound forward arguments
-    read_inputs: Callable[[torch.nn.Module, inspect.BoundArguments], tuple[VideoGrid, int, float | None]]
+    # (grid, batch, timestep value or None) from the bound forward arguments; grid None: this forward
+    # cannot be mapped onto a grid (LTX-2 called with coordinates only) and runs dense.
+    read_inputs: Callable[[torch.nn.Module, inspect.BoundArguments], tuple[VideoGrid | None, int, float | None]]
     processor_class: type
+    # Class names of the processors our processor can wrap (the model's own, fused variants included).
     original_processor_names: tuple[str, ...]
     # Installs the hooks that keep hidden states tiled from the first block to the last (returns
     # their handles); None where the family tiles per layer only.
     install_forward_tiling: Callable[[torch.nn.Module, "_ModelState"], list[Any]] | None = None
+    # The model's own NABLA settings (Kandinsky's config) as a NablaConfig, None where it has none.
+    model_config: Callable[[torch.nn.Module], NablaConfig | None] | None = None
 
 
 class NablaProcessorBase:
@@ -140,15 +160,26 @@ class NablaProcessorBase:
     def _parallel_config(self, config: Any) -> None:
         self.original._parallel_config = config
 
+    # ``set_attention_backend`` / ``reset_attention_backend`` assign this on every processor that has
+    # it: forward it to the original, so dense steps and layers we do not touch follow the user's
+    # backend. An original without the attribute (Kandinsky 6 SR's processor) raises AttributeError
+    # here too, so diffusers' ``hasattr`` check skips this processor as it skipped the original.
     @property
     def _attention_backend(self) -> Any:
-        return getattr(self.original, "_attention_backend", None)
+        return self.original._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, backend: Any) -> None:
+        self.original._attention_backend = backend
 
     def sparse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, text_position: str, record: bool = True
-    ) -> torch.Tensor:
-        """NABLA attention on ``[B, H, S, D]`` q, k, v in the model's natural token order. With
-        ``record=False`` the kept density is left in ``self.pending`` for the caller to combine."""
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tokens: int, text_position: str,
+        record: bool = True, tiled: bool | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """NABLA attention on ``[B, H, S, D]`` q, k, v in the model's natural token order, or in tiled
+        order where our forward-level tiling or the model itself (``tiled=True``: Kandinsky's fractal
+        order) put them. With ``record=False`` the kept density is left in ``self.pending`` for the
+        caller to combine."""
         state = self.state
         grid = state.grid
         if grid is None:
@@ -156,15 +187,16 @@ class NablaProcessorBase:
                 f"{self.name}: NABLA does not know the video grid. Call the transformer itself (its forward "
                 "records the grid), or set it with NablaHandle.set_grid(VideoGrid(...)) before calling blocks directly."
             )
+        tiled = state.tiled if tiled is None else tiled
         group = _ulysses_group(self._parallel_config)
         if group is not None:
-            if state.tiled:
+            if tiled:
                 raise ValueError(
                     f"{self.name}: tiling once per forward does not combine with context parallelism; "
                     "use NablaConfig(tiling='layer') (or 'auto')"
                 )
             return _sparse_ulysses(self, q, k, v, grid, text_tokens, text_position, record, group)
-        if state.tiled:
+        if tiled:
             return _sparse(self, q, k, v, grid, text_tokens, text_position, record, "tiled")
         expected = grid.num_tokens + text_tokens
         if q.shape[2] != expected:
@@ -181,10 +213,14 @@ def _sparse(
 ) -> torch.Tensor:  # fmt: skip
     state = proc.state
     cfg = state.session.config
-    out, mask = nabla_attention(
-        q, k, v, grid, cfg.threshold, cfg.sta_window, text_tokens, text_position,
-        backend=cfg.backend, query_block=cfg.query_block, token_order=token_order, return_mask=True,
-    )  # fmt: skip
+    spec = state.specs.get(proc.name) or cfg.mask_spec
+    if cfg.mask_reuse_steps > 1:  # opt-in; eager (a graph break per layer under torch.compile)
+        out, mask = reuse_attention(proc, q, k, v, grid, text_tokens, text_position, token_order, spec)
+    else:
+        out, mask = nabla_attention(
+            q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position,
+            backend=cfg.backend, query_block=spec.query_block, token_order=token_order, return_mask=True,
+        )  # fmt: skip
     if cfg.collect_stats:
         density = mask.kept.float().mean()
         if record:
@@ -212,9 +248,12 @@ def _sparse_ulysses(
     from ..distributed import ulysses_nabla_attention
 
     cfg = proc.state.session.config
+    if cfg.mask_reuse_steps > 1:
+        raise ValueError(f"{proc.name}: mask_reuse_steps > 1 is not supported with context parallelism")
+    spec = proc.state.specs.get(proc.name) or cfg.mask_spec
     out, info = ulysses_nabla_attention(
-        q, k, v, grid, cfg.threshold, cfg.sta_window, text_tokens, text_position,
-        group=group, backend=cfg.backend, query_block=cfg.query_block, return_info=True,
+        q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position,
+        group=group, backend=cfg.backend, query_block=spec.query_block, return_info=True,
     )  # fmt: skip
     if cfg.collect_stats:
         density = info.mask.kept.float().mean()
@@ -258,6 +297,7 @@ def timestep_value(t: Any) -> float | None:
 def _make_pre_hook(state: _ModelState) -> Callable:
     @torch._dynamo.disable
     def pre_hook(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        sync_processors(state)
         bound = _bind(model, args, kwargs)
         grid, batch, timestep = state.family.read_inputs(model, bound)
         session = state.session
@@ -269,8 +309,9 @@ def _make_pre_hook(state: _ModelState) -> Callable:
     return pre_hook
 
 
-def configure_forward(state: _ModelState, grid: VideoGrid, sparse: bool, device: torch.device) -> None:
-    """Set what the processors and tiling hooks read during one forward."""
+def configure_forward(state: _ModelState, grid: VideoGrid | None, sparse: bool, device: torch.device) -> None:
+    """Set what the processors and tiling hooks read during one forward (no grid: a dense forward)."""
+    sparse = sparse and grid is not None
     state.grid = grid
     if state.session.config.collect_stats:
         state.ensure_stats(device)
@@ -284,12 +325,13 @@ def configure_forward(state: _ModelState, grid: VideoGrid, sparse: bool, device:
         state.tiled = tiled
 
 
-def forward_tiling_wanted(state: _ModelState, grid: VideoGrid, sparse: bool) -> bool:
+def forward_tiling_wanted(state: _ModelState, grid: VideoGrid | None, sparse: bool) -> bool:
     """Tile once per forward? Only on sparse steps with every layer patched (a dense original
     processor would attend to padding slots), and for "auto" only where no slot is padding."""
     cfg = state.session.config
     if cfg.tiling == "layer" or state.family.install_forward_tiling is None or not sparse or cfg.exclude_layers:
         return False
+    assert grid is not None  # a forward without a grid is never sparse
     return cfg.tiling == "forward" or (grid.height % TILE == 0 and grid.width % TILE == 0)
 
 
@@ -306,14 +348,23 @@ def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _M
     unknown = [s for s in cfg.exclude_layers if isinstance(s, str) and not any(nm == s or nm.startswith(s + ".") for nm in names)]
     if unknown:
         raise ValueError(f"exclude_layers {unknown} match no self-attention layer; names look like {names[0]!r}")
-    for name, module in layers:
+    specs = resolve_layer_specs(cfg.layer_thresholds, names)
+    both = [nm for i, nm in enumerate(names) if nm in specs and _layer_selected(i, nm, cfg.exclude_layers)]
+    if both:
+        raise ValueError(f"layers {both} are both excluded (dense) and given a threshold in layer_thresholds")
+    for index, (name, module) in enumerate(layers):
+        if _layer_selected(index, name, cfg.exclude_layers):
+            continue  # excluded layers keep whatever processor they have
         current = module.processor
         if isinstance(current, NablaProcessorBase):
             raise RuntimeError(f"{name} already has a NABLA processor; call remove_nabla first")
         if type(current).__name__ not in family.original_processor_names:
+            wanted = family.original_processor_names[0]
             raise TypeError(
                 f"{name} uses attention processor {type(current).__name__}; NABLA replaces only "
-                f"{', '.join(family.original_processor_names)} (reset it with model.set_default_attn_processor() or remove the custom processor)"
+                f"{', '.join(family.original_processor_names)}. Put the model's own processor back "
+                f"(model.get_submodule({name!r}).set_processor({wanted}())) or leave this layer dense with "
+                f"NablaConfig(exclude_layers=[{name!r}])"
             )
 
     if cfg.tiling == "forward" and family.install_forward_tiling is None:
@@ -325,9 +376,11 @@ def patch_model(model: torch.nn.Module, family: Family, session: _Session) -> _M
         if _layer_selected(index, name, cfg.exclude_layers):
             continue
         original = module.processor
-        state.originals[name] = (module, original)
-        module.set_processor(family.processor_class(original, state, name, len(state.names)))
+        wrapper = family.processor_class(original, state, name, len(state.names))
+        state.layers[name] = _Layer(module, original, wrapper, len(state.names))
+        module.set_processor(wrapper)
         state.names.append(name)
+    state.specs = {nm: specs.get(nm, cfg.mask_spec) for nm in state.names}  # one validated spec per layer
     state.handles.append(model.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True))
     if family.install_forward_tiling is not None and cfg.tiling != "layer":
         state.handles.extend(family.install_forward_tiling(model, state))
@@ -341,10 +394,10 @@ def unpatch_model(model: torch.nn.Module) -> bool:
         return False
     for handle in state.handles:
         handle.remove()
-    for module, original in state.originals.values():
-        module.set_processor(original)
+    restore_processors(state)
     return True
 
 
 def state_of(model: torch.nn.Module) -> _ModelState | None:
     return _STATES.get(model)
+

@@ -13,6 +13,10 @@ from ..grid import VideoGrid
 from ._core import Family, NablaProcessorBase, timestep_value
 
 
+# CogVideoX's ``fuse_qkv_projections`` swaps in its fused processor: both are the model's own.
+COGVIDEOX_PROCESSORS = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
+
+
 class CogVideoXNablaProcessor(NablaProcessorBase):
     def __call__(
         self,
@@ -69,5 +73,5 @@ FAMILY = Family(
     attention_layers=_layers,
     read_inputs=_read_inputs,
     processor_class=CogVideoXNablaProcessor,
-    original_processor_names=("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0"),
+    original_processor_names=COGVIDEOX_PROCESSORS,
 )

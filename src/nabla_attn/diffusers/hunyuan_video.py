@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,35 +72,47 @@ class HunyuanVideoNablaProcessor(NablaProcessorBase):
         """NABLA with HunyuanVideo's key mask: each prompt's padding tokens (at the end) are not keys."""
         if mask is None:
             return self.sparse(q, k, v, text, "end")
-        return self._masked_eager(q, k, v, text, mask)
+        key_ok = mask.reshape(mask.shape[0], -1).expand(q.shape[0], q.shape[2])
+        return prefix_masked_sparse(self, q, k, v, text, key_ok, pad_queries="dense")
 
-    # Reads the prompt lengths on the host: kept out of torch.compile graphs (no value guards).
-    @torch._dynamo.disable
-    def _masked_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, mask: torch.Tensor) -> torch.Tensor:
-        B, _, N, _ = q.shape
-        key_ok = mask.reshape(mask.shape[0], -1).expand(B, N)
-        lengths = key_ok.sum(-1).tolist()
-        if all(n == N for n in lengths):
-            return self.sparse(q, k, v, text, "end")
-        prefix = torch.arange(N, device=key_ok.device)[None] < torch.tensor(lengths, device=key_ok.device)[:, None]
-        if not torch.equal(prefix, key_ok):
-            raise ValueError("HunyuanVideo attention mask is not a prefix mask (padding must follow the prompt tokens)")
-        outs = []
-        for b, n in enumerate(lengths):
-            n_text = text - (N - n)
-            if n_text < 0:
-                raise ValueError(f"HunyuanVideo attention mask hides video tokens: {n} valid of {N} with {text} text tokens")
-            o = self.sparse(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], n_text, "end", record=False)
-            if n < N:
+
+# Reads the prompt lengths on the host: kept out of torch.compile graphs (a value in the graph would be
+# guarded on, recompiling per prompt length). Hence one graph break per HunyuanVideo (1.0, 1.5) layer.
+@torch._dynamo.disable
+def prefix_masked_sparse(
+    proc: NablaProcessorBase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, key_ok: torch.Tensor,
+    pad_queries: Literal["dense", "zero"],
+) -> torch.Tensor:  # fmt: skip
+    """NABLA on ``[B, H, N, D]`` video-then-text tokens where ``key_ok [B, N]`` marks each batch entry's
+    valid tokens, a prefix (the prompt's padding at the end). Each entry runs NABLA over its own valid
+    tokens. Padded query rows: ``"dense"`` attends over the valid keys (HunyuanVideo's key-only mask),
+    ``"zero"`` gives 0 (HunyuanVideo 1.5 masks them as queries too; SDPA returns 0 for such rows)."""
+    B, _, N, _ = q.shape
+    lengths = key_ok.sum(-1).tolist()
+    if all(n == N for n in lengths):
+        return proc.sparse(q, k, v, text, "end")
+    prefix = torch.arange(N, device=key_ok.device)[None] < torch.tensor(lengths, device=key_ok.device)[:, None]
+    if not torch.equal(prefix, key_ok.bool()):
+        raise ValueError(f"{proc.name}: attention mask is not a prefix mask (padding must follow the prompt tokens)")
+    outs = []
+    for b, n in enumerate(lengths):
+        n_text = text - (N - n)
+        if n_text < 0:
+            raise ValueError(f"{proc.name}: attention mask hides video tokens: {n} valid of {N} with {text} text tokens")
+        o = proc.sparse(q[b : b + 1, :, :n], k[b : b + 1, :, :n], v[b : b + 1, :, :n], n_text, "end", record=False)
+        if n < N:
+            if pad_queries == "dense":
                 # Padding queries never reach a valid token (they are masked as keys everywhere), but
                 # compute them as the model does so encoder states stay identical at threshold 1.
                 rest = F.scaled_dot_product_attention(q[b : b + 1, :, n:], k[b : b + 1, :, :n], v[b : b + 1, :, :n])
-                o = torch.cat([o, rest], dim=2)
-            outs.append(o)
-        if self.pending:  # one record per forward: the batch's mean density
-            self.state.record(self.index, torch.stack(self.pending).mean())
-            self.pending.clear()
-        return torch.cat(outs, dim=0)
+            else:
+                rest = v.new_zeros(1, v.shape[1], N - n, v.shape[3])
+            o = torch.cat([o, rest], dim=2)
+        outs.append(o)
+    if proc.pending and proc.state.stats is not None:  # one record per forward: the batch's mean density
+        proc.state.record(proc.index, torch.stack(proc.pending).mean())
+    proc.pending.clear()
+    return torch.cat(outs, dim=0)
 
 
 def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

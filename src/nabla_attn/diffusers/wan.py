@@ -65,10 +65,12 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(model.blocks)]
 
 
-def _read_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple[VideoGrid, int, float | None]:
-    x = bound.arguments["hidden_states"]  # [B, C, F, H, W] latents
+def read_wan_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple[VideoGrid, int, float | None]:
+    """Grid, batch and step timestep of Wan and the models built on its blocks (VACE, Animate,
+    ChronoEdit, SkyReels-V2): latents ``[B, C, F, H, W]`` patchified by ``config.patch_size``."""
+    x = bound.arguments["hidden_states"]
     if x.dim() != 5:
-        raise ValueError(f"WanTransformer3DModel: expected 5-D latents [B, C, F, H, W], got shape {tuple(x.shape)}")
+        raise ValueError(f"{type(model).__name__}: expected 5-D latents [B, C, F, H, W], got shape {tuple(x.shape)}")
     pt, ph, pw = model.config.patch_size
     grid = VideoGrid(x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
     return grid, x.shape[0], timestep_value(bound.arguments.get("timestep"))
@@ -121,7 +123,7 @@ FAMILY = Family(
     name="wan",
     model_class=WanTransformer3DModel,
     attention_layers=_layers,
-    read_inputs=_read_inputs,
+    read_inputs=read_wan_inputs,
     processor_class=WanNablaProcessor,
     original_processor_names=("WanAttnProcessor",),
     install_forward_tiling=_install_forward_tiling,
