@@ -86,6 +86,7 @@ def select_backend(
     ``v_head_dim``: v's head_dim where it differs from q's. Decided once per distinct request.
     """
     as_choice("backend", backend, BACKENDS)
+    query_block = MaskSpec(1.0, None, query_block).query_block
     req = Request(q.device, q.dtype, q.shape[-1], v_head_dim if v_head_dim is not None else q.shape[-1],
                   bool(needs_grad), query_block)
     return _choose(backend, req)
@@ -261,6 +262,10 @@ def mask_from_means(qa: torch.Tensor, ka: torch.Tensor, layout: TokenLayout, spe
                     backend: Backend = "auto") -> BlockSparseMask:
     """NABLA's table from float32 video-block means ``[B, H, num_video_blocks, D]`` of q and k, built
     where the backend builds its masks (the distributed path pools across ranks, then calls this)."""
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a nabla_attn.TokenLayout, got {type(layout).__name__}")
+    if not isinstance(spec, MaskSpec):
+        raise TypeError(f"spec must be a nabla_attn.MaskSpec, got {type(spec).__name__} ({spec!r})")
     be = backends.get(_choose(as_choice("backend", backend, BACKENDS), Request(
         qa.device, torch.float32, qa.shape[-1], qa.shape[-1], False, spec.query_block)))
     return be.mask_from_means(qa, ka, layout, spec)[0]

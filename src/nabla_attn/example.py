@@ -60,9 +60,14 @@ def _run(args: argparse.Namespace) -> int:
     MaskSpec(args.threshold, window)  # checks the threshold and window before any work
     if args.heads < 1 or args.head_dim < 1:
         raise ValueError(f"--heads and --head-dim must be >= 1, got {args.heads} and {args.head_dim}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device}: the example runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available")
-    device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(args.seed)
     q, k, v = (_smooth_video_tensor(1, args.heads, grid, args.head_dim, gen).to(device, dtype) for _ in range(3))

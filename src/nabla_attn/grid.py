@@ -22,7 +22,7 @@ import torch
 
 from .cache import DeviceCache
 from .constants import BLOCK_TOKENS, TILE
-from .validation import as_choice, as_int
+from .validation import as_choice, as_int, token_dim
 
 TextPosition = Literal["end", "start"]
 LayoutKey = tuple[int, int, int, int, int]
@@ -230,10 +230,10 @@ _ON_DEVICE: DeviceCache[torch.Tensor] = DeviceCache(256)
 
 # ------------------------------------------------------------------------------ tile / untile
 def _token_dim(x: torch.Tensor, dim: int, expect: int, what: str, layout: TokenLayout) -> int:
-    d = dim % x.dim() if x.dim() else 0
-    if x.dim() == 0 or x.shape[d] != expect:
+    d = token_dim(x, dim)
+    if x.shape[d] != expect:
         raise ValueError(
-            f"{what}: sequence length {x.shape[d] if x.dim() else None} along dim {dim} does not match the layout's "
+            f"{what}: sequence length {x.shape[d]} along dim {dim} does not match the layout's "
             f"{expect} ({layout.describe()})"
         )
     return d

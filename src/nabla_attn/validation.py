@@ -65,3 +65,10 @@ def check_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_name: s
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+def token_dim(x: torch.Tensor, dim: int) -> int:
+    """``dim`` of ``x`` as a non-negative index, raising for a 0-d tensor or a dim out of range."""
+    if x.dim() == 0 or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} is out of range for a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    return dim % x.dim()

@@ -19,10 +19,7 @@ import torch
 from .. import grid
 from ..grid import TokenLayout
 from ..masks import BlockSparseMask, MaskSpec, num_query_blocks, reference_mask as _reference_mask
-
-
-def _token_dim(x: torch.Tensor, dim: int) -> int:
-    return dim % x.dim()
+from ..validation import token_dim
 
 
 def _as_rows(x: torch.Tensor, d: int) -> torch.Tensor | None:
@@ -52,7 +49,7 @@ def _poolable(x: torch.Tensor, layout: TokenLayout, d: int, kernel: bool) -> boo
 @torch.library.custom_op("nabla_attn::tile", mutates_args=())
 def _tile(x: torch.Tensor, layout: Sequence[int], dim: int, kernel: bool, pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
     lay = TokenLayout.from_key(layout)
-    d = _token_dim(x, dim)
+    d = token_dim(x, dim)
     rows = _as_rows(x, d) if kernel else None
     if rows is None:
         if pool:
@@ -70,7 +67,7 @@ def _tile(x: torch.Tensor, layout: Sequence[int], dim: int, kernel: bool, pool: 
 @_tile.register_fake
 def _(x, layout, dim, kernel, pool):  # type: ignore[no-untyped-def]
     lay = TokenLayout.from_key(layout)
-    d = _token_dim(x, dim)
+    d = token_dim(x, dim)
     return x.new_empty(_tiled_shape(x, d, lay.tiled_len)), x.new_empty(_means_shape(x, lay, d, pool), dtype=torch.float32)
 
 
@@ -86,7 +83,7 @@ def _untile_out(x: torch.Tensor, lay: TokenLayout, d: int, like: torch.Tensor | 
 @torch.library.custom_op("nabla_attn::untile", mutates_args=())
 def _untile(x: torch.Tensor, layout: Sequence[int], dim: int, kernel: bool, like: torch.Tensor | None) -> torch.Tensor:
     lay = TokenLayout.from_key(layout)
-    d = _token_dim(x, dim)
+    d = token_dim(x, dim)
     out = _untile_out(x, lay, d, like)
     rows, out_rows = (_as_rows(x, d), _as_rows(out, d)) if kernel else (None, None)
     if rows is None or out_rows is None:
@@ -100,7 +97,7 @@ def _untile(x: torch.Tensor, layout: Sequence[int], dim: int, kernel: bool, like
 
 @_untile.register_fake
 def _(x, layout, dim, kernel, like):  # type: ignore[no-untyped-def]
-    return _untile_out(x, TokenLayout.from_key(layout), _token_dim(x, dim), like)
+    return _untile_out(x, TokenLayout.from_key(layout), token_dim(x, dim), like)
 
 
 def _tile_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
@@ -127,7 +124,7 @@ def tile(x: torch.Tensor, layout: TokenLayout, *, dim: int = -2, kernel: bool = 
          pool: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Natural -> tiled order along ``dim`` (differentiable), and with ``pool`` the float32
     video-block means ``[B, H, Nv, D]`` of ``[B, H, S, D]`` where the kernel can write them (else None)."""
-    d = _token_dim(x, dim)
+    d = token_dim(x, dim)
     if x.shape[d] != layout.seq_len:
         raise ValueError(f"tile: sequence length {x.shape[d]} along dim {dim} does not match the layout's "
                          f"{layout.seq_len} ({layout.describe()})")
@@ -139,7 +136,7 @@ def tile(x: torch.Tensor, layout: TokenLayout, *, dim: int = -2, kernel: bool = 
 def untile(x: torch.Tensor, layout: TokenLayout, *, dim: int = -2, kernel: bool = False,
            like: torch.Tensor | None = None) -> torch.Tensor:
     """Tiled -> natural order along ``dim`` (differentiable); ``like`` as in :func:`nabla_attn.grid.untile`."""
-    d = _token_dim(x, dim)
+    d = token_dim(x, dim)
     if x.shape[d] != layout.tiled_len:
         raise ValueError(f"untile: expected {layout.tiled_len} tiled tokens along dim {dim}, got {x.shape[d]}")
     shape = _tiled_shape(x, d, layout.seq_len)
