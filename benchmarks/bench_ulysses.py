@@ -6,7 +6,8 @@ norms, the cross-attention and the FFN run on the local shard; self-attention go
 ``nabla_attn.distributed.ulysses_nabla_attention`` (two all-to-alls). Variants per world size:
 
 * ``dense``: cuDNN SDPA (1 GPU), and dense Ulysses (the same all-to-alls around cuDNN SDPA).
-* ``nabla`` (1 GPU): ``nabla_mask_tiled`` + ``nabla_attention(mask=..., layout="tiled")``.
+* ``nabla`` (1 GPU): ``nabla_attention`` on the natural-order q, k, v (tiling, mask, kernel and
+  untiling in one call, as a user meets it; its time is the phase ``attention``).
 * ``nabla_plain`` / ``nabla_balanced`` (W > 1): contiguous head split vs kept-block balancing.
 
 Random weights give near-uniform block maps, so every head would keep the same ~threshold share of
@@ -21,6 +22,7 @@ attention (mask, all-to-all, attention) come from ``PhaseTimer`` CUDA events (me
 
     python benchmarks/bench_ulysses.py --gpus 1,2 --out results.json          # GPUs (NCCL)
     python benchmarks/bench_ulysses.py --device cpu --tiny --gpus 1,2          # CPU dry run (gloo)
+    python benchmarks/bench_ulysses.py --smoke                                  # the same, reference backend
     python benchmarks/bench_ulysses.py --markdown results.json                  # table for the docs
 """
 
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from nabla_attn import TokenLayout, VideoGrid, nabla_attention, nabla_mask_tiled, tile, untile  # noqa: E402
+from nabla_attn import TokenLayout, VideoGrid, nabla_attention, nabla_mask_tiled, select_backend, tile  # noqa: E402
 from nabla_attn.distributed import (  # noqa: E402
     PhaseTimer,
     all_to_all_rows,
@@ -77,7 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="dense,nabla", help="dense and/or nabla")
     p.add_argument("--timeout", type=float, default=200.0, help="collective timeout, seconds")
     p.add_argument("--out", default=None, help="JSON results path (written after every variant)")
+    p.add_argument("--smoke", action="store_true", help="CPU dry run: --device cpu --tiny --gpus 1,2, reference backend")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.tiny, args.gpus, args.backend, args.iters, args.warmup = "cpu", True, "1,2", "reference", 1, 1
     if args.tiny:
         args.grid, args.heads, args.head_dim, args.ffn, args.text = "2x16x24", 5, 32, 256, 16
     args.worlds = sorted({int(x) for x in args.gpus.split(",")})
@@ -110,7 +115,6 @@ class Attn:
         self.last_info: Any = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        cfg = self.cfg
         q = attn.norm_q(attn.to_q(hidden_states))
         k = attn.norm_k(attn.to_k(hidden_states))
         v = attn.to_v(hidden_states)
@@ -131,15 +135,10 @@ class Attn:
                 timer.start("attention")
             out = sdpa(q, k, v)
         elif mode == "nabla1":
-            lay = cfg["layout"]
-            if timer:
-                timer.start("mask")
-            qt, kt, vt = tile(q, lay), tile(k, lay), tile(v, lay)
-            mask = nabla_mask_tiled(qt, kt, lay, cfg["threshold"], None, query_block=cfg["query_block"])
             if timer:
                 timer.start("attention")
-            out = untile(nabla_attention(qt, kt, vt, lay.grid, mask=mask, backend=cfg["backend"], layout="tiled",
-                                         query_block=cfg["query_block"]), lay)  # fmt: skip
+            out = nabla_attention(q, k, v, cfg["layout"].grid, cfg["threshold"], backend=cfg["backend"],
+                                  query_block=cfg["query_block"])  # fmt: skip
         elif mode == "dense_ulysses":
             out = dense_ulysses(q, k, v, self.world, self.group, timer)
         elif mode == "nabla_ulysses":
@@ -252,7 +251,7 @@ def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.de
             nq = -(-lay.num_blocks // (qb // 64))
             kept = torch.rand(1, h, nq, lay.num_blocks, device=device) < args.density
             nabla_attention(x, x, x, lay.grid, mask=BlockSparseMask(kept, lay, qb), backend=cfg["backend"],
-                            layout="tiled", query_block=qb)  # fmt: skip
+                            token_order="tiled")  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
         return True
@@ -471,14 +470,13 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
         dist.barrier()
 
     # ---- gather per-rank phases on rank 0 and summarise -------------------------------------------
-    from nabla_attn.distributed.ulysses import _fast_failed
-
-    fused = "failed: " + _fast_failed[0] if _fast_failed else "used where needed"
+    probe = torch.empty(1, 1, 1, args.head_dim, device=device, dtype=dtype)
+    chosen = select_backend(probe, cfg["backend"], False, args.query_block)
     pairs: list[Any] = [None] * nprocs
-    dist.all_gather_object(pairs, (results["runs"], fused))
+    dist.all_gather_object(pairs, (results["runs"], chosen))
     gathered = [p[0] for p in pairs]
     if rank == 0:
-        results["fused_table_kernel_by_rank"] = [p[1] for p in pairs]
+        results["backend_by_rank"] = [p[1] for p in pairs]
         for name, r in results["runs"].items():
             r["phases_ms_by_rank"] = [g.get(name, {}).get("phases_ms_rank") for g in gathered]
             ranks = [p for p in r["phases_ms_by_rank"] if p]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call for the committed single-GPU results: the attention sweep at Wan 14B 720p (public
+# op and kernel columns, both query blocks, densities and equal thresholds, flex beside), the
+# Kandinsky 5 Pro 720p comparison with diffusers' own NABLA path, and the Wan 14B block's training
+# step. diffusers wheels in .whl/ if the machine lacks diffusers. Results go to $OUT (or ./out).
+set -u
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SITE=
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  SITE=/tmp/site:
+fi
+export PYTHONPATH="${SITE}src"
+run() {  # name, timeout, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name rc=$? $((SECONDS - t0)) s"
+}
+run attention ${ATTN_S:-250} python3 benchmarks/bench_attention.py --shapes wan14b_720p --calls 10 --json "$OUT/attention_h200.json"
+run kandinsky ${K5_S:-200} python3 benchmarks/bench_kandinsky.py --eager-only --out "$OUT/kandinsky_h200.json"
+run wan_block_train ${WAN_S:-130} python3 benchmarks/bench_wan_block.py --no-compile --budget-s 200 --out "$OUT/wan_block_train_h200.json"
+for name in attention kandinsky wan_block_train; do
+  echo "---------------- $name"; tail -n 30 "$OUT/$name.log"
+done
