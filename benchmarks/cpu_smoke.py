@@ -27,31 +27,6 @@ def setup(argv: list[str] | None = None) -> bool:
               file=sys.stderr)
         return False
     os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    patch_interpreter_scalars()
-    return True
+    from nabla_attn.kernels.interpreter import patch_scalars
 
-
-def patch_interpreter_scalars() -> None:
-    """Let Triton 3.6's interpreter use loaded scalars as ``range`` bounds under numpy >= 2.3.
-
-    The interpreter keeps scalars as 1-element arrays and converts them with ``int(array)``, which
-    newer numpy rejects, so a kernel loop ``for j in range(cnt)`` over a loaded count fails there
-    (compiled Triton is unaffected). The same hook as ``tests/triton_interpret.py``, without pytest.
-    """
-    from triton import knobs
-    from triton.runtime import interpreter
-
-    if not knobs.runtime.interpret or getattr(interpreter, "_nabla_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._nabla_patched = True
+    return patch_scalars()

@@ -63,3 +63,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "/tests/gpu/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    """What the kernel modules ran in their fresh interpreter processes (tests/triton_interpret.py)."""
+    import sys
+
+    module = sys.modules.get("triton_interpret")
+    counts = getattr(module, "CHILD_COUNTS", {}) if module is not None else {}
+    for name, c in sorted(counts.items()):
+        terminalreporter.write_line(f"{name} in a fresh process (Triton interpreter): "
+                                    + ", ".join(f"{n} {kind}" for kind, n in c.items()))

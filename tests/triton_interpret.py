@@ -19,6 +19,8 @@ import pytest
 import torch
 
 FRESH_PROCESS_TEST = "test_in_fresh_process_when_triton_was_imported_first"
+# What each fresh-process child ran, printed in pytest's terminal summary (tests/conftest.py).
+CHILD_COUNTS: dict[str, dict[str, int]] = {}
 ON_CPU = not torch.cuda.is_available()
 IN_PROCESS = True
 if ON_CPU:
@@ -29,32 +31,10 @@ if ON_CPU:
 DEVICE = "cpu" if ON_CPU else "cuda"
 
 
-def _patch_interpreter_scalars() -> None:
-    """Let Triton 3.6's interpreter use loaded scalars as ``range`` bounds under numpy >= 2.3.
-
-    The interpreter keeps scalars as 1-element arrays and converts them with ``int(array)``, which
-    newer numpy rejects ("only 0-dimensional arrays can be converted"), so ``for j in range(cnt)``
-    with a loaded ``cnt`` fails there (compiled Triton is unaffected).
-    """
-    try:
-        from triton import knobs
-        from triton.runtime import interpreter
-    except ImportError:  # no Triton: nothing to patch
-        return
-    if not knobs.runtime.interpret or getattr(interpreter, "_nabla_patched", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._nabla_patched = True
-
-
 if ON_CPU and IN_PROCESS:
-    _patch_interpreter_scalars()
+    from nabla_attn.kernels.interpreter import patch_scalars
+
+    patch_scalars()
 
 
 def child_counts(output: str) -> dict[str, int]:
@@ -76,7 +56,7 @@ def rerun_in_fresh_process(test_file: str, allowed_skips: int = 0) -> None:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test_file],
                        env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     counts = child_counts(r.stdout)
-    print(f"{os.path.basename(test_file)} in a fresh process: {counts}")
+    CHILD_COUNTS[os.path.basename(test_file)] = counts
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert counts.get("passed", 0) > 0, f"the child ran no test: {counts}\n{r.stdout[-2000:]}"
     # The child skips its own copy of this test ("running in this process").

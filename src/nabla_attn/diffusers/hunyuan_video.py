@@ -121,10 +121,12 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return dual + single
 
 
-def _read_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple[VideoGrid, int, float | None]:
+def read_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple[VideoGrid, int, float | None]:
+    """Grid, batch and timestep of a model taking ``[B, C, F, H, W]`` latents with ``patch_size`` and
+    ``patch_size_t`` in its config (HunyuanVideo 1.0 and 1.5)."""
     x = bound.arguments["hidden_states"]  # [B, C, F, H, W]
     if x.dim() != 5:
-        raise ValueError(f"HunyuanVideoTransformer3DModel: expected 5-D latents [B, C, F, H, W], got {tuple(x.shape)}")
+        raise ValueError(f"{type(model).__name__}: expected 5-D latents [B, C, F, H, W], got {tuple(x.shape)}")
     p, pt = model.config.patch_size, model.config.patch_size_t
     grid = VideoGrid(x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)
     return grid, x.shape[0], timestep_value(bound.arguments.get("timestep"))
@@ -134,7 +136,7 @@ FAMILY = Family(
     name="hunyuan_video",
     model_class=HunyuanVideoTransformer3DModel,
     attention_layers=_layers,
-    read_inputs=_read_inputs,
+    read_inputs=read_inputs,
     processor_class=HunyuanVideoNablaProcessor,
     original_processor_names=("HunyuanVideoAttnProcessor2_0",),
 )

@@ -8,16 +8,13 @@ refiner's self-attention (``context_embedder``) is text-only and untouched."""
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15Transformer3DModel
 
-from ..grid import VideoGrid
-from ._core import Family, NablaProcessorBase, timestep_value
-from .hunyuan_video import prefix_masked_sparse
+from ._core import Family, NablaProcessorBase
+from .hunyuan_video import prefix_masked_sparse, read_inputs
 
 
 class HunyuanVideo15NablaProcessor(NablaProcessorBase):
@@ -64,20 +61,11 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]
 
 
-def _read_inputs(model: torch.nn.Module, bound: inspect.BoundArguments) -> tuple[VideoGrid, int, float | None]:
-    x = bound.arguments["hidden_states"]  # [B, C, F, H, W]
-    if x.dim() != 5:
-        raise ValueError(f"HunyuanVideo15Transformer3DModel: expected 5-D latents [B, C, F, H, W], got {tuple(x.shape)}")
-    p, pt = model.config.patch_size, model.config.patch_size_t
-    grid = VideoGrid(x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p)
-    return grid, x.shape[0], timestep_value(bound.arguments.get("timestep"))
-
-
 FAMILY = Family(
     name="hunyuan_video15",
     model_class=HunyuanVideo15Transformer3DModel,
     attention_layers=_layers,
-    read_inputs=_read_inputs,
+    read_inputs=read_inputs,
     processor_class=HunyuanVideo15NablaProcessor,
     original_processor_names=("HunyuanVideo15AttnProcessor2_0",),
 )
