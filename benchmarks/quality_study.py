@@ -11,6 +11,7 @@ NABLA is also run with 128-token query blocks (two tiles share one key list).
 
     PYTHONPATH=src python benchmarks/quality_study.py --size small --out benchmarks/results/quality_small.json
     python benchmarks/quality_study.py --plot benchmarks/results/quality_small.json   # figures + table
+    PYTHONPATH=src python benchmarks/quality_study.py --smoke    # every method once, 2 steps, files in /tmp
 
 Runs on CPU (small size, ~10 minutes on 2 cores) or on a GPU (``--device cuda``, any size).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from nabla_attn.demo.cli import SIZES  # noqa: E402
 from nabla_attn.demo.metrics import psnr, ssim  # noqa: E402
 from nabla_attn.demo.model import CLASS_NAMES, MaskPolicy, load_bundled, sample  # noqa: E402
+from nabla_attn.demo.policy_spec import parse_policy  # noqa: E402
 from nabla_attn.grid import VideoGrid  # noqa: E402
 from nabla_attn.masks import sta_mask  # noqa: E402
 
@@ -56,18 +59,45 @@ def pick_sta_windows(grid: VideoGrid) -> list[tuple[int, int, int]]:
     return chosen
 
 
-def run_policy(model: Any, noise: torch.Tensor, labels: torch.Tensor, steps: int, policy: MaskPolicy | None) -> tuple[torch.Tensor, dict[str, Any], float]:
-    model.set_attention(policy)
+def run_policy(model: Any, noise: torch.Tensor, labels: torch.Tensor, steps: int, policy: MaskPolicy | None,
+               dense_steps: int = 0) -> tuple[torch.Tensor, dict[str, Any], float]:
+    """Sample with ``policy`` (dense for the first ``dense_steps`` steps). Per layer and step: kept
+    density and attention-output error; dense steps and dense layers count as density 1, error 0."""
+
+    def on_step(i: int, x: torch.Tensor) -> None:
+        model.set_attention(policy if i >= dense_steps else None)
+
     model.reset_stats(record_error=policy is not None)
     t0 = time.perf_counter()
-    video = sample(model, noise, labels, steps)
+    video = sample(model, noise, labels, steps, on_step=on_step)
     dt = time.perf_counter() - t0
     model.set_attention(None)
     per_layer: dict[str, Any] = {"density": [], "rel_error": []}  # [layer][step]
     for proc in model.processors:
-        per_layer["density"].append([st.density for st in proc.stats])
-        per_layer["rel_error"].append([st.rel_error for st in proc.stats])
+        pad = [1.0] * dense_steps if policy is not None else []
+        per_layer["density"].append(pad + [st.density for st in proc.stats])
+        per_layer["rel_error"].append([0.0] * len(pad) + [st.rel_error for st in proc.stats])
     return video, per_layer, dt
+
+
+def parse_runs(text: str, num_layers: int) -> list[tuple[str, MaskPolicy, int, str | None, str]]:
+    """``--runs``: ``[NAME=]POLICY[@WEIGHTS]`` separated by ';' -> (method, policy, dense steps,
+    weights, spec). POLICY as training/finetune.py's --mask; WEIGHTS: fine-tuned weights used for
+    the sparse run (the dense reference stays the bundled model); NAME defaults to the policy kind
+    (``calibrated`` for calibration files), with " ft" appended when WEIGHTS is given."""
+    out = []
+    for spec in filter(None, (t.strip() for t in text.split(";"))):
+        name, _, rest = spec.rpartition("=") if "=" in spec.split(":")[0] else ("", "", spec)
+        policy_text, _, weights = rest.partition("@")
+        policy, dense_steps = parse_policy(policy_text, num_layers)
+        if policy is None:
+            raise SystemExit(f"--runs {spec!r}: 'dense' is the reference, not a run")
+        kind = policy_text.split(":")[0]
+        if kind == "calibrated":  # per-head files (calibrate's default where it pays) vs per-layer ones
+            per_head = any(isinstance(t, tuple) for t in policy.layer_thresholds or ())
+            kind = "calibrated" + ("+sta" if policy.sta_window else "") + ("" if per_head else " per-layer")
+        out.append((name or (kind + (" ft" if weights else "")), policy, dense_steps, weights or None, spec))
+    return out
 
 
 def main() -> None:
@@ -83,8 +113,15 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add to the results already in --out (same size, steps, seed)")
     ap.add_argument("--methods", default="nabla,nabla q128,sta,nabla+sta,random", help="comma-separated subset")
     ap.add_argument("--weights", default=None, help="a .safetensors file instead of the bundled model")
+    ap.add_argument("--runs", default=None, help="instead of --methods: '[NAME=]POLICY[@WEIGHTS];...' (see parse_runs)")
     ap.add_argument("--plot", default=None, metavar="JSON", help="only draw figures and the table from a results file")
+    ap.add_argument("--smoke", action="store_true", help="check the script: 2 steps, one setting per method, output in /tmp")
     args = ap.parse_args()
+    img = None
+    if args.smoke:
+        args.size, args.steps, args.thresholds, args.sta_windows = "small", 2, "0.7", "1,3,3"
+        img = Path(tempfile.gettempdir()) / "quality_smoke"
+        args.out = args.out or str(img / "quality_smoke.json")
     if args.plot:
         plot(Path(args.plot))
         return
@@ -94,7 +131,7 @@ def main() -> None:
     frames, height, width = SIZES[args.size]
     grid = VideoGrid(frames, height // 2, width // 2)
     gen = torch.Generator().manual_seed(args.seed)
-    n = len(CLASS_NAMES)
+    n = 1 if args.smoke else len(CLASS_NAMES)  # a smoke run generates one clip
     noise = torch.randn(n, 3, frames, height, width, generator=gen).to(device)
     labels = torch.arange(n, device=device)
     thresholds = [float(t) for t in args.thresholds.split(",")]
@@ -114,6 +151,12 @@ def main() -> None:
     policies += [("nabla+sta", MaskPolicy("nabla+sta", threshold=t, sta_window=combo_window)) for t in thresholds]  # type: ignore[arg-type]
     policies += [("random", MaskPolicy("random", threshold=None, density=d, seed=args.seed)) for d in TARGETS]
     policies = [(m, p) for m, p in policies if m in methods]
+    if args.smoke:  # one setting per method
+        policies = [(m, p) for i, (m, p) in enumerate(policies) if m not in (x for x, _ in policies[:i])]
+    # (method, policy, dense steps, weights of the sparse run, spec)
+    runs: list[tuple[str, MaskPolicy, int, str | None, str]] = [(m, p, 0, None, p.label()) for m, p in policies]
+    if args.runs:
+        runs = parse_runs(args.runs, model.config.num_layers)
 
     out = Path(args.out or Path(__file__).parent / "results" / f"quality_{args.size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,7 +165,7 @@ def main() -> None:
             "blocks": grid.num_blocks, "block_grid": list(grid.block_grid), "steps": args.steps, "seed": args.seed,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": "bf16 autocast" if device.type == "cuda" else "float32",
-            "clips": list(CLASS_NAMES), "model": json.loads(model.config.to_json()), "dense_time_s": t_dense}
+            "clips": list(CLASS_NAMES)[:n], "model": json.loads(model.config.to_json()), "dense_time_s": t_dense}
     print(f"dense: {t_dense:.1f}s  grid {grid.frames}x{grid.height}x{grid.width} ({grid.num_blocks} blocks), {args.device}")
     results: list[dict[str, Any]] = []
     if args.append and out.exists():
@@ -130,13 +173,19 @@ def main() -> None:
         if previous["meta"]["size"] != args.size or previous["meta"]["steps"] != args.steps or previous["meta"]["seed"] != args.seed:
             raise SystemExit(f"--append: {out} was made with other size/steps/seed: {previous['meta']}")
         results = previous["results"]
-    for method, pol in policies:
-        video, per_layer, dt = run_policy(model, noise, labels, args.steps, pol)
+    tuned: dict[str, Any] = {}
+    for method, pol, dense_steps, weights, spec in runs:
+        runner = model
+        if weights:
+            runner = tuned.get(weights) or tuned.setdefault(weights, load_bundled(weights, device=device))
+        video, per_layer, dt = run_policy(runner, noise, labels, args.steps, pol, dense_steps)
+        label = pol.label() + (f" +{dense_steps} dense steps" if dense_steps else "") + (" ft" if weights else "")
         dens = torch.tensor(per_layer["density"])  # [layers, steps]
         err = torch.tensor(per_layer["rel_error"])
         rec = {
-            "method": method, "label": pol.label(), "threshold": pol.threshold, "sta_window": pol.sta_window,
-            "random_p": pol.density, "query_block": pol.query_block,
+            "method": method, "label": label, "threshold": pol.threshold, "sta_window": pol.sta_window,
+            "random_p": pol.density, "query_block": pol.query_block, "dense_steps": dense_steps,
+            "layer_thresholds": pol.layer_thresholds, "weights": weights, "spec": spec,
             "density": float(dens.mean()), "density_per_layer": dens.mean(1).tolist(), "density_per_step": dens.mean(0).tolist(),
             "density_layer_step": per_layer["density"],
             "rel_error": float(err.mean()), "rel_error_per_layer": err.mean(1).tolist(), "rel_error_per_step": err.mean(0).tolist(),
@@ -148,11 +197,11 @@ def main() -> None:
         results.append(rec)
         # Written after every setting, so a run cut short still leaves its results.
         out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        print(f"{pol.label():42s} density {rec['density']:.3f}  rel.err {rec['rel_error']:.3f}  "
+        print(f"{label:42s} density {rec['density']:.3f}  rel.err {rec['rel_error']:.3f}  "
               f"PSNR {rec['psnr_db']:6.2f}  SSIM {rec['ssim']:.4f}  ({dt:.0f}s)", flush=True)
 
     print(f"wrote {out}")
-    plot(out)
+    plot(out, img)
 
 
 def front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -174,7 +223,8 @@ def best_at(points: list[tuple[float, float]], x: float, slack: float = 0.015) -
     return max(ys) if ys else None
 
 
-def plot(path: Path) -> None:
+def plot(path: Path, img: Path | None = None) -> None:
+    """Figures into ``img`` (default docs/img) and the markdown tables beside the JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,11 +232,13 @@ def plot(path: Path) -> None:
 
     data = json.loads(path.read_text())
     meta, results = data["meta"], data["results"]
-    img = Path(__file__).resolve().parents[1] / "docs" / "img"
+    img = img or Path(__file__).resolve().parents[1] / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    tag = meta["size"]
+    tag = path.stem  # quality_small.json -> docs/img/quality_small_*.png
     methods = list(dict.fromkeys(r["method"] for r in results))
-    style = {"nabla": "o-", "nabla q128": "s--", "sta": "^-", "nabla+sta": "D-", "random": "x:"}
+    style = {"nabla": "o-", "nabla q128": "s--", "sta": "^-", "nabla+sta": "D-", "random": "x:", "calibrated": "*-",
+             "calibrated per-layer": "v-", "calibrated+sta": "P-"}
+    style.update({f"{m} ft": v.replace("-", "--", 1) if "--" not in v else v for m, v in list(style.items())})
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for m in methods:
@@ -209,19 +261,19 @@ def plot(path: Path) -> None:
     fig.suptitle(f"Trained tiny Wan DiT, {meta['video'][0]}x{meta['video'][1]}x{meta['video'][2]} px "
                  f"(grid {g[0]}x{g[1]}x{g[2]}, {meta['blocks']} blocks), {meta['steps']} steps, 3 clips")
     fig.tight_layout()
-    fig.savefig(img / f"quality_{tag}_curves.png", dpi=100)
+    fig.savefig(img / f"{tag}_curves.png", dpi=100)
     plt.close(fig)
 
     # Per layer: density and error for the NABLA setting nearest 20% and the STA window nearest 20%.
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for m in ("nabla", "sta", "nabla+sta", "random"):
+    for m in methods:
         rs = [r for r in results if r["method"] == m]
         if not rs:
             continue
         r = min(rs, key=lambda r: abs(r["density"] - 0.2))
         axes[0].plot(r["density_per_layer"], style.get(m, "o-"), label=f"{r['label']} ({r['density']:.0%})")
         axes[1].plot(r["rel_error_per_layer"], style.get(m, "o-"), label=r["label"])
-        if m in ("nabla", "nabla+sta"):
+        if m.startswith(("nabla", "calibrated")):
             axes[2].plot(r["density_per_step"], style.get(m, "o-"), label=r["label"])
     axes[0].set_title("kept density per layer (near 20%)")
     axes[1].set_title("attention rel. error per layer")
@@ -234,7 +286,7 @@ def plot(path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(img / f"quality_{tag}_layers.png", dpi=100)
+    fig.savefig(img / f"{tag}_layers.png", dpi=100)
     plt.close(fig)
 
     # Table: best measured PSNR / SSIM at or below each target density.

@@ -7,6 +7,16 @@ from .masks import BlockSparseMask, MaskSpec, cdf_keep, sta_mask
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # calibrate needs diffusers (an optional extra): resolved on first use, so importing nabla_attn
+    # never imports diffusers (hence also not in __all__: a star import would import it).
+    if name == "calibrate":
+        from .diffusers.calibration import calibrate
+
+        return calibrate
+    raise AttributeError(f"module 'nabla_attn' has no attribute {name!r}")
+
 __all__ = [
     "BLOCK_TOKENS",
     "BlockSparseMask",

@@ -10,6 +10,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("nabla_attn.demo.cli", "generate a clip with the bundled video DiT, dense vs NABLA, and compare"),
+    "calibrate": ("nabla_attn.demo.calibrate_cli", "choose per-layer NABLA thresholds for the bundled video DiT at a kept budget"),
     "example": ("nabla_attn.example", "run the op once on this device: kept density, error vs dense, time"),
 }
 

@@ -25,9 +25,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..attention import nabla_attention, nabla_mask_tiled, tile, untile
+from ..attention import nabla_attention, tile, untile
 from ..grid import TokenLayout, VideoGrid
 from ..masks import BlockSparseMask, sta_mask
+from .tables import nabla_table, token_mask
 
 CLASS_NAMES = ("bigbuckbunny", "bikes", "carphone")
 WEIGHTS_FILE = "tiny_wan_video.safetensors"
@@ -139,7 +140,9 @@ class MaskPolicy:
 
     ``kind``: "nabla" (CDF threshold), "sta" (window), "nabla+sta" (union), "random" (each block pair
     kept with probability ``density``, diagonal always kept, fixed seed per layer), or "custom"
-    (``mask_fn``). ``query_block`` 64 or 128.
+    (``mask_fn``). ``query_block`` 64 or 128. ``layer_thresholds`` (nabla kinds): one threshold per
+    layer replacing ``threshold``, None for a dense layer (recorded with density 1 and error 0);
+    :meth:`from_calibration` reads them from a ``nabla calibrate`` file.
     """
 
     kind: str = "nabla"
@@ -151,7 +154,12 @@ class MaskPolicy:
     # "auto": nabla_attention's choice (Triton on CUDA, the gathering reference on CPU), or any
     # nabla_attention backend name.
     backend: str = "auto"
+    # "masked-sdpa": the same attention as PyTorch SDPA with the block table expanded to a token
+    # mask. No sparsity saving, but SDPA's fused CPU backward is far faster than the reference
+    # backend's gathers: training/finetune.py uses it on CPU.
+    attention: str = "nabla"
     mask_fn: MaskFn | None = None
+    layer_thresholds: tuple[float | tuple[float, ...] | None, ...] | None = None
 
     def __post_init__(self) -> None:
         kinds = ("nabla", "sta", "nabla+sta", "random", "custom")
@@ -165,8 +173,45 @@ class MaskPolicy:
             raise ValueError(f"MaskPolicy kind 'random' needs density in (0, 1], got {self.density!r}")
         if self.kind == "custom" and self.mask_fn is None:
             raise ValueError("MaskPolicy kind 'custom' needs mask_fn")
+        if self.attention not in ("nabla", "masked-sdpa"):
+            raise ValueError(f"MaskPolicy.attention must be 'nabla' or 'masked-sdpa', got {self.attention!r}")
+        if self.layer_thresholds is not None:
+            if self.kind not in ("nabla", "nabla+sta"):
+                raise ValueError(f"MaskPolicy layer_thresholds need kind 'nabla' or 'nabla+sta', got {self.kind!r}")
+            self.layer_thresholds = tuple(tuple(t) if isinstance(t, (list, tuple)) else t for t in self.layer_thresholds)
+            flat = [x for t in self.layer_thresholds for x in (t if isinstance(t, tuple) else (t,))]
+            bad = [t for t in flat if t is not None and not (0.0 < t <= 1.0)]
+            if bad:
+                raise ValueError(f"MaskPolicy layer_thresholds must be in (0, 1] or None, got {bad}")
+
+    @staticmethod
+    def from_calibration(source: str | Path | dict[str, Any], num_layers: int) -> tuple["MaskPolicy", int]:
+        """The policy and dense-step count of a calibration file for the bundled model (layers
+        ``blocks.<i>.attn1``). Returns ``(policy, dense_steps)``."""
+        from ..diffusers._perlayer import calibration_fields
+
+        fields = calibration_fields(source)
+        by_index: dict[int, float | None] = {}
+        for name, value in fields["layer_thresholds"].items():
+            parts = name.split(".")
+            if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit():
+                raise ValueError(f"calibration layer {name!r} is not a bundled-model layer (blocks.<i>.attn1)")
+            if isinstance(value, dict):
+                raise ValueError(f"calibration layer {name!r} has its own STA window; MaskPolicy takes thresholds only")
+            by_index[int(parts[1])] = value
+        if sorted(by_index) != list(range(num_layers)):
+            raise ValueError(f"calibration names layers {sorted(by_index)}, the model has {num_layers}")
+        window = fields["sta_window"]
+        policy = MaskPolicy("nabla+sta" if window else "nabla", threshold=fields["threshold"], sta_window=window,
+                            query_block=fields["query_block"],
+                            layer_thresholds=tuple(by_index[i] for i in range(num_layers)))
+        return policy, fields["dense_steps"]
 
     def label(self) -> str:
+        if self.layer_thresholds is not None:
+            per = "/".join("dense" if t is None else f"{t:g}" if not isinstance(t, tuple)
+                           else "h(" + ",".join(f"{x:g}" for x in t) + ")" for t in self.layer_thresholds)
+            return f"{self.kind}(layers={per}{'' if self.kind == 'nabla' else f',win={self.sta_window}'})"
         if self.kind == "nabla":
             return f"nabla(thr={self.threshold})"
         if self.kind == "sta":
@@ -176,6 +221,10 @@ class MaskPolicy:
         if self.kind == "random":
             return f"random(p={self.density})"
         return "custom"
+
+    def threshold_for(self, layer: int) -> float | tuple[float, ...] | None:
+        """This layer's threshold (a tuple: one per head; None: a dense layer under ``layer_thresholds``)."""
+        return self.threshold if self.layer_thresholds is None else self.layer_thresholds[layer]
 
 
 def random_block_mask(layout: TokenLayout, heads: int, density: float, seed: int, query_block: int = 64,
@@ -265,20 +314,20 @@ class SelfAttentionProcessor:
             if self.grid is None:
                 raise RuntimeError("SelfAttentionProcessor.grid is unset; call the model through TinyVideoDiT")
             p = self.policy
+            if p.layer_thresholds is not None and p.threshold_for(self.layer) is None:
+                return self._dense_layer(attn, q, k, v, hidden_states)
             layout = TokenLayout(self.grid)
             qt, kt, vt = tile(q, layout), tile(k, layout), tile(v, layout)
             used = self._mask(qt, kt, layout)
             if used is None:
-                used = nabla_mask_tiled(
-                    qt, kt, layout,
-                    threshold=p.threshold,
-                    sta_window=p.sta_window if p.kind == "nabla+sta" else None,
-                    query_block=p.query_block,
-                    backend=p.backend,  # type: ignore[arg-type]
-                )
-            out_t = nabla_attention(qt, kt, vt, self.grid, mask=used, backend=p.backend,  # type: ignore[arg-type]
-                                    token_order="tiled")
-            out = untile(out_t, layout)  # type: ignore[arg-type]
+                used = nabla_table(qt, kt, layout, p.threshold_for(self.layer),  # type: ignore[arg-type]
+                                    p.sta_window if p.kind == "nabla+sta" else None, p.query_block, p.backend)
+            if p.attention == "masked-sdpa":
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=token_mask(used, q.shape[0], q.shape[1]))
+            else:
+                out_t = nabla_attention(qt, kt, vt, self.grid, mask=used, backend=p.backend,  # type: ignore[arg-type]
+                                        token_order="tiled")
+                out = untile(out_t, layout)  # type: ignore[arg-type]
             rel = None
             if self.record_error:
                 ref = F.scaled_dot_product_attention(q, k, v)
@@ -290,6 +339,16 @@ class SelfAttentionProcessor:
         out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _dense_layer(self, attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     hidden_states: torch.Tensor) -> torch.Tensor:
+        """A layer a calibration left dense: SDPA, recorded as density 1 and error 0 (so means over
+        layers count it as full work)."""
+        out = F.scaled_dot_product_attention(q, k, v)
+        heads = q.shape[1]
+        self.stats.append(LayerStat(self.layer, 1.0, [1.0] * heads, 0.0 if self.record_error else None))
+        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 def assets_dir() -> Path:

@@ -24,6 +24,7 @@ from ..attention import nabla_attention
 from ..constants import TILE
 from ..grid import TokenLayout, VideoGrid
 from ._config import NablaConfig
+from ._perhead import HeadSpec, head_attention
 from ._perlayer import resolve_layer_specs
 from ._reuse import reuse_attention
 from ._swaps import restore_processors, sync_processors
@@ -216,6 +217,8 @@ def _sparse(
     spec = state.specs.get(proc.name) or cfg.mask_spec
     if cfg.mask_reuse_steps > 1:  # opt-in; eager (a graph break per layer under torch.compile)
         out, mask = reuse_attention(proc, q, k, v, grid, text_tokens, text_position, token_order, spec)
+    elif isinstance(spec, HeadSpec):  # one threshold per head (layer_thresholds lists)
+        out, mask = head_attention(q, k, v, grid, text_tokens, text_position, token_order, spec, cfg.backend, proc.name)
     else:
         out, mask = nabla_attention(
             q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position,
@@ -251,6 +254,8 @@ def _sparse_ulysses(
     if cfg.mask_reuse_steps > 1:
         raise ValueError(f"{proc.name}: mask_reuse_steps > 1 is not supported with context parallelism")
     spec = proc.state.specs.get(proc.name) or cfg.mask_spec
+    if isinstance(spec, HeadSpec):
+        raise ValueError(f"{proc.name}: per-head thresholds are not supported with context parallelism")
     out, info = ulysses_nabla_attention(
         q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position,
         group=group, backend=cfg.backend, query_block=spec.query_block, return_info=True,

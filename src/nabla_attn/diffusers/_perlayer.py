@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 from ..masks import MaskSpec
+from ._perhead import HeadSpec
 
 LayerKey = Union[int, str]
-LayerValue = Union[float, MaskSpec, Mapping[str, Any], None]
+LayerValue = Union[float, MaskSpec, "HeadSpec", Mapping[str, Any], list, tuple, None]
 CALIBRATION_FORMAT = "nabla-calibration/1"
 
 
@@ -33,22 +34,28 @@ def _key(key: object) -> LayerKey:
     return int(key)
 
 
-def _spec(key: LayerKey, value: LayerValue, default: MaskSpec) -> MaskSpec | None:
-    """A layer's MaskSpec: a number replaces the config's threshold (keeping its STA window and query
-    block), a MaskSpec or a {"threshold", "sta_window", "query_block"} mapping is taken whole, None
-    means the layer stays dense."""
+def _spec(key: LayerKey, value: LayerValue, default: MaskSpec) -> MaskSpec | HeadSpec | None:
+    """A layer's spec: a number replaces the config's threshold (keeping its STA window and query
+    block), a list of numbers gives one threshold per head (:class:`HeadSpec`), a MaskSpec/HeadSpec
+    or a {"threshold", "sta_window", "query_block"} mapping is taken whole, None means the layer
+    stays dense."""
     try:
         if value is None:
             return None
-        if isinstance(value, MaskSpec):
+        if isinstance(value, (MaskSpec, HeadSpec)):
             return value
+        if isinstance(value, (list, tuple)):
+            return HeadSpec(tuple(value), default.sta_window, default.query_block)
         if isinstance(value, Mapping):
             unknown = set(value) - {"threshold", "sta_window", "query_block"}
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)} (allowed: threshold, sta_window, query_block)")
-            return MaskSpec(value.get("threshold"), value.get("sta_window"), value.get("query_block", default.query_block))
+            window, qb = value.get("sta_window"), value.get("query_block", default.query_block)
+            if isinstance(value.get("threshold"), (list, tuple)):
+                return HeadSpec(tuple(value["threshold"]), None if window is None else tuple(window), qb)
+            return MaskSpec(value.get("threshold"), window, qb)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ValueError(f"expected a threshold in (0, 1], a MaskSpec or None, got {value!r}")
+            raise ValueError(f"expected a threshold in (0, 1], a list of per-head thresholds, a MaskSpec or None, got {value!r}")
         return MaskSpec(float(value), default.sta_window, default.query_block)
     except ValueError as exc:
         raise ValueError(f"layer_thresholds[{key!r}]: {exc}") from None
@@ -56,7 +63,7 @@ def _spec(key: LayerKey, value: LayerValue, default: MaskSpec) -> MaskSpec | Non
 
 def normalize_layer_thresholds(
     value: object, default: MaskSpec
-) -> tuple[tuple[tuple[LayerKey, MaskSpec], ...], tuple[LayerKey, ...]]:
+) -> tuple[tuple[tuple[LayerKey, MaskSpec | HeadSpec], ...], tuple[LayerKey, ...]]:
     """``(sparse entries as (key, MaskSpec) pairs, keys of dense layers)`` from a mapping or pairs.
 
     The result is tuples so the frozen config stays hashable; dense entries (None) become
@@ -67,7 +74,7 @@ def normalize_layer_thresholds(
     items: Iterable[Any] = value.items() if isinstance(value, Mapping) else value  # type: ignore[assignment]
     if isinstance(value, (str, bytes)):
         raise ValueError(f"layer_thresholds must map layers to thresholds, got {value!r}")
-    sparse: list[tuple[LayerKey, MaskSpec]] = []
+    sparse: list[tuple[LayerKey, MaskSpec | HeadSpec]] = []
     dense: list[LayerKey] = []
     seen: set[LayerKey] = set()
     try:
@@ -95,12 +102,13 @@ def _matches(index: int, name: str, key: LayerKey) -> bool:
     return name == key or name.startswith(key + ".")
 
 
-def resolve_layer_specs(entries: tuple[tuple[LayerKey, MaskSpec], ...], names: list[str]) -> dict[str, MaskSpec]:
+def resolve_layer_specs(entries: tuple[tuple[LayerKey, MaskSpec | HeadSpec], ...],
+                        names: list[str]) -> dict[str, MaskSpec | HeadSpec]:
     """Layer name -> MaskSpec for the entries of ``layer_thresholds`` on a model whose self-attention
     layers are ``names`` (execution order). Raises ValueError for an entry that matches no layer or a
     layer that two entries give different settings (a silently unused threshold would make a
     calibration file look applied when it is not)."""
-    out: dict[str, MaskSpec] = {}
+    out: dict[str, MaskSpec | HeadSpec] = {}
     for key, spec in entries:
         hits = [name for i, name in enumerate(names) if _matches(i, name, key)]
         if not hits:

@@ -21,6 +21,7 @@ import torch
 from ..attention import nabla_attention, tile
 from ..grid import TokenLayout, VideoGrid
 from ..masks import BlockSparseMask, MaskSpec, pool_blocks
+from ._perhead import HeadSpec, head_attention
 
 
 @dataclass
@@ -65,7 +66,7 @@ def _drift(now: tuple[torch.Tensor, torch.Tensor], then: tuple[torch.Tensor, tor
 @torch._dynamo.disable
 def reuse_attention(
     proc: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: VideoGrid, text_tokens: int,
-    text_position: str, token_order: str, spec: MaskSpec,
+    text_position: str, token_order: str, spec: MaskSpec | HeadSpec,
 ) -> tuple[torch.Tensor, BlockSparseMask]:  # fmt: skip
     """``nabla_attention`` with the layer's table reused where the config allows it."""
     cfg = proc.state.session.config
@@ -79,7 +80,8 @@ def reuse_attention(
     entry = cache.entries.get(slot)
     fresh = entry is None or entry.key != key or not (0 <= step - entry.step < cfg.mask_reuse_steps)
     means = None
-    if not fresh and cfg.mask_reuse_tolerance is not None and spec.threshold is not None:
+    pooled = isinstance(spec, HeadSpec) or spec.threshold is not None  # a table that follows q and k
+    if not fresh and cfg.mask_reuse_tolerance is not None and pooled:
         assert entry is not None and entry.means is not None
         means = _means(q, k, layout, token_order)
         fresh = _drift(means, entry.means) > cfg.mask_reuse_tolerance
@@ -89,11 +91,14 @@ def reuse_attention(
         out = nabla_attention(q, k, v, grid, None, None, text_tokens, text_position, mask=entry.mask,
                               backend=cfg.backend, token_order=token_order)  # type: ignore[arg-type]
         return out, entry.mask  # type: ignore[return-value]
-    out, mask = nabla_attention(
-        q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position, backend=cfg.backend,
-        query_block=spec.query_block, token_order=token_order, return_mask=True,  # type: ignore[arg-type]
-    )  # fmt: skip
-    if cfg.mask_reuse_tolerance is not None and spec.threshold is not None and means is None:
+    if isinstance(spec, HeadSpec):
+        out, mask = head_attention(q, k, v, grid, text_tokens, text_position, token_order, spec, cfg.backend, proc.name)
+    else:
+        out, mask = nabla_attention(
+            q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position, backend=cfg.backend,
+            query_block=spec.query_block, token_order=token_order, return_mask=True,  # type: ignore[arg-type]
+        )  # fmt: skip
+    if cfg.mask_reuse_tolerance is not None and pooled and means is None:
         means = _means(q, k, layout, token_order)
     cache.entries[slot] = _Entry(mask, step, key, means)
     cache.built += 1
