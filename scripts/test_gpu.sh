@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 python3 -c "import torch, triton; print('GPU tests on', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" \
   | tee "$OUT/gpu_tests.log"
 python3 -m pytest -q -rs -p no:cacheprovider --timeout 900 \
-  tests/gpu tests/test_triton_kernel.py tests/test_fast_mask.py tests/test_permute.py tests/test_attention.py "$@" \
+  tests/gpu tests/test_triton_kernel.py tests/test_fast_mask.py tests/test_permute.py tests/test_attention.py tests/test_fp8.py "$@" \
   2>&1 | tee -a "$OUT/gpu_tests.log"
 status=${PIPESTATUS[0]}
 echo "GPU test summary: $(grep -E '[0-9]+ (passed|failed)' "$OUT/gpu_tests.log" | tail -n 1)"

@@ -18,6 +18,7 @@ import torch
 
 from . import backends
 from .backends import Backend as _Backend, Request
+from .backends.triton import attention_fp8, fp8_unsupported
 from .grid import TokenLayout, VideoGrid
 from .masks import BlockSparseMask, MaskSpec
 from .validation import as_choice, as_float, check_tensors
@@ -28,6 +29,8 @@ Backend = Literal["auto", "reference", "flex", "triton"]
 TokenOrder = Literal["natural", "tiled"]
 BACKENDS = backends.NAMES
 TOKEN_ORDERS = ("natural", "tiled")
+Precision = Literal["bf16", "fp8"]
+PRECISIONS = ("bf16", "fp8")
 
 
 def make_layout(grid: VideoGrid, text_tokens: int = 0, text_position: str = "end") -> TokenLayout:
@@ -145,6 +148,7 @@ def nabla_attention(
     scale: float | None = None,
     return_mask: bool = False,
     layout: TokenOrder | None = None,
+    precision: Precision = "bf16",
 ) -> torch.Tensor | tuple[torch.Tensor, BlockSparseMask]:
     """NABLA attention: exact attention restricted to the block pairs NABLA (and/or STA) keeps.
 
@@ -167,6 +171,9 @@ def nabla_attention(
         scale: softmax scale, default ``1/sqrt(head_dim)``; must be finite.
         return_mask: also return the :class:`BlockSparseMask` used.
         layout: deprecated name of ``token_order``.
+        precision: "bf16" (default): products in the inputs' dtype. "fp8": forward-only e4m3 Q.K^T
+            (per-block scales, smoothed K) on the Triton backend, CUDA sm_89+, float16/bfloat16
+            inputs without requires_grad; anything else raises naming it (``docs/fp8.md``).
 
     Returns:
         Output shaped like ``v`` (in the input's token order, with v's memory layout), and the mask
@@ -186,7 +193,10 @@ def nabla_attention(
         _check_mask(mask, lay, q, query_block)
         qb = mask.query_block
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else as_float("scale", scale)
-    be: _Backend = backends.get(_choose(as_choice("backend", backend, BACKENDS), Request.of(q, v, qb)))  # type: ignore[arg-type]
+    if as_choice("precision", precision, PRECISIONS) == "fp8":
+        be: _Backend = _fp8_backend(backend, q, k, v, qb)
+    else:
+        be = backends.get(_choose(as_choice("backend", backend, BACKENDS), Request.of(q, v, qb)))  # type: ignore[arg-type]
     if order == "tiled":
         qt, kt, vt, means = q, k, v, None
     else:
@@ -196,10 +206,28 @@ def nabla_attention(
         mask, plan = be.build_mask(qt, kt, lay, spec, means)
     else:
         plan = be.plan(mask)
-    out = be.attention(qt, kt, vt, mask, plan, scale)
+    if precision == "fp8":
+        out = attention_fp8(qt, kt, vt, mask, plan, scale)
+    else:
+        out = be.attention(qt, kt, vt, mask, plan, scale)
     if order == "natural":
         out = be.untile(out, lay, like=v)
     return (out, mask) if return_mask else out
+
+
+def _fp8_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int) -> _Backend:
+    """The Triton backend for ``precision="fp8"``, or a ValueError naming what it cannot run."""
+    name = as_choice("backend", backend, BACKENDS)
+    if name not in ("auto", "triton"):
+        raise ValueError(f"precision='fp8' runs on backend='triton' only, not backend={name!r}")
+    reason = fp8_unsupported(q, k, v)
+    if reason:
+        raise ValueError(f"precision='fp8' cannot run {reason}; use precision='bf16'")
+    try:
+        _choose("triton", Request.of(q, v, query_block))
+    except ValueError as e:
+        raise ValueError(f"precision='fp8' needs the triton backend: {e}") from None
+    return backends.get("triton")
 
 
 def nabla_mask(

@@ -10,6 +10,10 @@ The attention is one ``torch.library`` custom op with a fake implementation and 
 Its kv lists come with the mask from the fused builder, or from one compaction of ``mask.kept``
 per call; the q-side lists of the backward are compacted from the table inside the backward. Nothing
 is cached on the mask.
+
+``precision="fp8"`` (forward only, sm_89+): :func:`attention_fp8` runs ``kernels/attention_fp8.py``
+(e4m3 Q.K^T with per-block scales and a smoothed K; P.V in the input dtype or in e4m3), its own
+custom op ``nabla_attn::triton_attention_fp8``; :func:`fp8_unsupported` says what it cannot run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from ..constants import BLOCK_TOKENS
 from ..grid import TokenLayout
 from ..masks import BlockSparseMask
 from .base import Request
-from .fused import GpuMaskBackend, KvLists
+from .fused import GpuMaskBackend, KvLists, kv_lists
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128)
@@ -184,3 +188,64 @@ class TritonBackend(GpuMaskBackend):
         out, _ = _forward(q, k, v, lists.counts, lists.indices, mask.kept, mask.layout.key, mask.query_block,
                           float(scale), cfg.encode())
         return out
+
+
+# ----------------------------------------------------------------------- FP8 forward (issue 18)
+FP8_DTYPES = (torch.float16, torch.bfloat16)
+FP8_HEAD_DIMS = (32, 64, 128)
+
+
+@torch.library.custom_op("nabla_attn::triton_attention_fp8", mutates_args=())
+def _forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
+                 layout: Sequence[int], query_block: int, scale: float, fp8_pv: bool, qk_int8: bool,
+                 config: Sequence[int]) -> torch.Tensor:
+    from ..kernels import attention as kernel
+    from ..kernels import attention_fp8
+
+    cfg = KernelConfig.decode(config)
+    lay = TokenLayout.from_key(layout)
+    return attention_fp8.forward(q, k, v, counts, indices, lay.block_counts(q.device), scale, tile_m=query_block,
+                                 padded=lay.padded, tma=cfg.tma and kernel.has_tma(q), fp8_pv=fp8_pv,
+                                 qk_int8=qk_int8, warps=cfg.fwd_warps, stages=cfg.fwd_stages)
+
+
+@_forward_fp8.register_fake
+def _(q, k, v, counts, indices, layout, query_block, scale, fp8_pv, qk_int8, config):  # type: ignore[no-untyped-def]
+    return torch.empty_like(q)
+
+
+def fp8_capable(capability: tuple[int, int]) -> bool:
+    """e4m3 tensor-core products: sm_89 (Ada) and newer."""
+    return tuple(capability) >= (8, 9)
+
+
+def fp8_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why ``precision="fp8"`` cannot run these tensors on the Triton backend (None when it can):
+    float16/bfloat16, head_dim 32/64/128 equal for q and v, forward only, CUDA sm_89 or newer (e4m3
+    tensor-core products) or Triton's interpreter."""
+    if q.dtype not in FP8_DTYPES:
+        return f"dtype {q.dtype} (fp8 takes float16 or bfloat16 inputs)"
+    if q.shape[-1] not in FP8_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        return f"head_dim {q.shape[-1]} / v head_dim {v.shape[-1]} (fp8 needs equal head_dims in {FP8_HEAD_DIMS})"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "inputs that require grad (the fp8 kernel is forward only; use precision='bf16' for training)"
+    if q.device.type == "cuda":
+        cap = _capability(q.device)
+        return None if fp8_capable(cap) else f"compute capability {cap} (fp8 needs sm_89 or newer: Ada, Hopper)"
+    from .fused import interpreting
+
+    if not interpreting():
+        return f"tensors on {q.device} (fp8 needs CUDA, or Triton's CPU interpreter for tests)"
+    return None
+
+
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, plan: Any,
+                  scale: float, *, fp8_pv: bool = False, qk_int8: bool = False,
+                  config: KernelConfig | None = None) -> torch.Tensor:
+    """:meth:`TritonBackend.attention` with e4m3 products (``kernels/attention_fp8.py``), forward only.
+    ``fp8_pv``: P.V in e4m3 too; ``qk_int8``: Q.K^T in int8 instead (experimental, for the
+    benchmark). Callers check :func:`fp8_unsupported` first."""
+    lists = plan if isinstance(plan, KvLists) else kv_lists(mask.kept)
+    cfg = config or DEFAULT_CONFIG
+    return _forward_fp8(q.contiguous(), k.contiguous(), v.contiguous(), lists.counts, lists.indices,
+                        mask.layout.key, mask.query_block, float(scale), bool(fp8_pv), bool(qk_int8), cfg.encode())

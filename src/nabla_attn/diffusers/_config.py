@@ -49,6 +49,8 @@ class NablaConfig:
             because it adds a graph break per layer under torch.compile.
         mask_reuse_tolerance: with ``mask_reuse_steps > 1``, rebuild earlier when the block means of
             q or k moved by more than this relative L2 distance since the table was built.
+        precision: "bf16" (default) or "fp8": ``nabla_attention``'s forward-only e4m3 Q.K^T on the
+            Triton backend (CUDA sm_89+, no gradients, no context parallelism; docs/fp8.md).
 
     Text tokens need no setting: HunyuanVideo (text after video) and CogVideoX (text before video)
     are handled from the model's own inputs; text blocks are always fully attended.
@@ -68,6 +70,7 @@ class NablaConfig:
     layer_thresholds: Any = ()
     mask_reuse_steps: int = 1
     mask_reuse_tolerance: float | None = None
+    precision: Literal["bf16", "fp8"] = "bf16"
 
     def __post_init__(self) -> None:
         spec = self.mask_spec  # validates threshold, sta_window and query_block once
@@ -91,6 +94,9 @@ class NablaConfig:
         object.__setattr__(self, "exclude_layers", layers)
         as_choice("backend", self.backend, BACKENDS)
         as_choice("tiling", self.tiling, ("auto", "layer", "forward"))
+        as_choice("precision", self.precision, ("bf16", "fp8"))
+        if self.precision == "fp8" and self.backend not in ("auto", "triton"):
+            raise ValueError(f"NablaConfig: precision='fp8' runs on backend='triton' only, not backend={self.backend!r}")
         check_extra_fields(self)  # layer_thresholds (dense entries join exclude_layers), mask reuse
 
     @property

@@ -218,11 +218,13 @@ def _sparse(
     if cfg.mask_reuse_steps > 1:  # opt-in; eager (a graph break per layer under torch.compile)
         out, mask = reuse_attention(proc, q, k, v, grid, text_tokens, text_position, token_order, spec)
     elif isinstance(spec, HeadSpec):  # one threshold per head (layer_thresholds lists)
-        out, mask = head_attention(q, k, v, grid, text_tokens, text_position, token_order, spec, cfg.backend, proc.name)
+        out, mask = head_attention(q, k, v, grid, text_tokens, text_position, token_order, spec, cfg.backend, proc.name,
+                                   cfg.precision)
     else:
         out, mask = nabla_attention(
             q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position,
             backend=cfg.backend, query_block=spec.query_block, token_order=token_order, return_mask=True,
+            precision=cfg.precision,
         )  # fmt: skip
     if cfg.collect_stats:
         density = mask.kept.float().mean()
@@ -256,6 +258,8 @@ def _sparse_ulysses(
     spec = proc.state.specs.get(proc.name) or cfg.mask_spec
     if isinstance(spec, HeadSpec):
         raise ValueError(f"{proc.name}: per-head thresholds are not supported with context parallelism")
+    if cfg.precision != "bf16":
+        raise ValueError(f"{proc.name}: precision={cfg.precision!r} is not supported with context parallelism")
     out, info = ulysses_nabla_attention(
         q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position,
         group=group, backend=cfg.backend, query_block=spec.query_block, return_info=True,

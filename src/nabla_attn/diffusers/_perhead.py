@@ -76,11 +76,11 @@ def head_mask(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, spec: HeadS
 
 def head_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: VideoGrid, text_tokens: int, text_position: str,
-    token_order: str, spec: HeadSpec, backend: str = "auto", name: str = "layer",
+    token_order: str, spec: HeadSpec, backend: str = "auto", name: str = "layer", precision: str = "bf16",
 ) -> tuple[torch.Tensor, BlockSparseMask]:  # fmt: skip
     """``nabla_attention`` with one threshold per head; returns the output and the table."""
     layout = TokenLayout(grid, text_tokens, text_position)  # type: ignore[arg-type]
     mask = head_mask(q, k, layout, spec, token_order, backend, name)
     out = nabla_attention(q, k, v, grid, None, None, text_tokens, text_position, mask=mask, backend=backend,  # type: ignore[arg-type]
-                          token_order=token_order)  # type: ignore[arg-type]
+                          token_order=token_order, precision=precision)  # type: ignore[arg-type]
     return out, mask  # type: ignore[return-value]

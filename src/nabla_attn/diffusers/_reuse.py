@@ -89,14 +89,16 @@ def reuse_attention(
         assert entry is not None
         cache.reused += 1
         out = nabla_attention(q, k, v, grid, None, None, text_tokens, text_position, mask=entry.mask,
-                              backend=cfg.backend, token_order=token_order)  # type: ignore[arg-type]
+                              backend=cfg.backend, token_order=token_order, precision=cfg.precision)  # type: ignore[arg-type]
         return out, entry.mask  # type: ignore[return-value]
     if isinstance(spec, HeadSpec):
-        out, mask = head_attention(q, k, v, grid, text_tokens, text_position, token_order, spec, cfg.backend, proc.name)
+        out, mask = head_attention(q, k, v, grid, text_tokens, text_position, token_order, spec, cfg.backend, proc.name,
+                                   cfg.precision)
     else:
         out, mask = nabla_attention(
             q, k, v, grid, spec.threshold, spec.sta_window, text_tokens, text_position, backend=cfg.backend,
             query_block=spec.query_block, token_order=token_order, return_mask=True,  # type: ignore[arg-type]
+            precision=cfg.precision,
         )  # fmt: skip
     if cfg.mask_reuse_tolerance is not None and pooled and means is None:
         means = _means(q, k, layout, token_order)
