@@ -162,7 +162,7 @@ CASES: list[Bad] = [
     Bad("nabla_mask_tiled with a VideoGrid", lambda: nabla_mask_tiled(X, X, GRID), TypeError,
         r"layout must be a nabla_attn\.TokenLayout, got VideoGrid"),
     # --- backend, token order
-    *both_ops("backend 'cuda'", ValueError, r"backend must be one of \('auto', 'triton', 'flex', 'reference'\), got 'cuda'",
+    *both_ops("backend 'cuda'", ValueError, r"backend must be one of \('auto', 'triton', 'flex', 'cpu', 'reference'\), got 'cuda'",
               backend="cuda"),
     Bad("select_backend 'cuda'", lambda: select_backend(X, "cuda"), ValueError, r"backend must be one of .* got 'cuda'"),
     *both_ops("backend 'triton' on CPU", ValueError,

@@ -25,7 +25,7 @@ from .validation import as_choice, as_float, check_tensors
 
 log = logging.getLogger("nabla_attn")
 
-Backend = Literal["auto", "reference", "flex", "triton"]
+Backend = Literal["auto", "reference", "flex", "cpu", "triton"]
 TokenOrder = Literal["natural", "tiled"]
 BACKENDS = backends.NAMES
 TOKEN_ORDERS = ("natural", "tiled")

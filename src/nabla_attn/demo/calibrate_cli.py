@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import DEFAULT_STEPS, SIZES, DemoError, _parse_window
+from .cli import DEFAULT_STEPS, SIZES, DemoError, _parse_window, parse_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,15 +71,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.is_dir():
         raise DemoError(f"--out {args.out!r} is a folder; give a .json file path")
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DemoError(f"--device {device!r} is not a torch device (try cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+    dev = parse_device(args.device)
     return {"density": density, "thresholds": thresholds, "window": _parse_window(args.sta_window), "steps": steps,
             "clips": clips, "device": dev, "out": out,
             "plot": Path(args.plot) if args.plot else out.with_suffix(".png")}

@@ -30,7 +30,7 @@ class NablaConfig:
             first, then single-stream blocks), strings are module names (``"blocks.0.attn1"``) or
             prefixes of them (``"single_transformer_blocks"``).
         query_block: 64 (the paper's blocks) or 128 (pairs of tiles per query block; faster kernels).
-        backend: ``nabla_attention`` backend: "auto", "triton", "flex" or "reference".
+        backend: ``nabla_attention`` backend: "auto", "triton", "flex", "cpu" or "reference".
         tiling: where tokens are permuted into NABLA's tiled order. "layer": q, k, v in every
             self-attention layer (and the output back). "forward" (Wan only): the hidden states, RoPE
             tables and per-token modulation once before the first block, back after the last, so
@@ -64,7 +64,7 @@ class NablaConfig:
     dense_steps: int = 0
     exclude_layers: tuple[LayerSelector, ...] = ()
     query_block: int = 64
-    backend: Literal["auto", "reference", "flex", "triton"] = "auto"
+    backend: Literal["auto", "reference", "flex", "cpu", "triton"] = "auto"
     tiling: Literal["auto", "layer", "forward"] = "auto"
     collect_stats: bool = True
     layer_thresholds: Any = ()
