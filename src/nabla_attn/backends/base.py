@@ -8,7 +8,7 @@ the eager definitions, so a backend overrides only what it does faster.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -85,3 +85,42 @@ class Backend:
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, plan: Any,
                   scale: float) -> torch.Tensor:
         raise NotImplementedError
+
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockSparseMask, float], torch.Tensor]
+
+
+def eager_attention_op(qualname: str, attend: Attend) -> Callable[..., torch.Tensor]:
+    """``attend(q, k, v, mask, scale)``, an eager differentiable function, as a ``torch.library``
+    custom op on plain arguments (the table, the layout's key): a fake implementation for
+    ``torch.compile``, and a backward that recomputes ``attend`` under autograd (so nothing but the
+    inputs is saved). The reference and CPU backends share this wrapping."""
+
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, layout: Sequence[int],
+           query_block: int, scale: float) -> torch.Tensor:
+        mask = BlockSparseMask(kept, TokenLayout.from_key(layout), query_block)
+        with torch.no_grad():
+            return attend(q, k, v, mask, scale).contiguous()
+
+    custom = torch.library.custom_op(qualname, op, mutates_args=())
+
+    @custom.register_fake
+    def _(q, k, v, kept, layout, query_block, scale):  # type: ignore[no-untyped-def]
+        return q.new_empty(*q.shape[:3], v.shape[-1])
+
+    def setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        q, k, v, kept, ctx.layout, ctx.query_block, ctx.scale = inputs
+        ctx.save_for_backward(q, k, v, kept)
+
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        q, k, v, kept = ctx.saved_tensors
+        mask = BlockSparseMask(kept, TokenLayout.from_key(ctx.layout), ctx.query_block)
+        inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
+        with torch.enable_grad():
+            out = attend(*inputs, mask, ctx.scale)
+        wanted = [x for x in inputs if x.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
+        return (*(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None)
+
+    custom.register_autograd(backward, setup_context=setup)
+    return custom

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..constants import BLOCK_TOKENS
 from ..grid import TokenLayout
 from ..masks import BlockSparseMask, compact_rows
-from .base import Backend, Request
+from .base import Backend, Request, eager_attention_op
 
 # Gathered K and V elements per chunk (x4 bytes in float32). Small enough that the allocator
 # recycles the buffer between calls, large enough that a call makes few parallel regions.
@@ -165,36 +165,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Block
     return out.view(B, H, nq * qb, Dv)[:, :, :S].to(q.dtype)
 
 
-@torch.library.custom_op("nabla_attn::cpu_attention", mutates_args=())
-def _cpu_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, layout: Sequence[int],
-            query_block: int, scale: float) -> torch.Tensor:
-    mask = BlockSparseMask(kept, TokenLayout.from_key(layout), query_block)
-    with torch.no_grad():
-        return cpu_attention(q, k, v, mask, scale).contiguous()
-
-
-@_cpu_op.register_fake
-def _(q, k, v, kept, layout, query_block, scale):  # type: ignore[no-untyped-def]
-    return q.new_empty(*q.shape[:3], v.shape[-1])
-
-
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    q, k, v, kept, ctx.layout, ctx.query_block, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, kept)
-
-
-def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
-    q, k, v, kept = ctx.saved_tensors
-    mask = BlockSparseMask(kept, TokenLayout.from_key(ctx.layout), ctx.query_block)
-    inputs = [x.detach().requires_grad_(need) for x, need in zip((q, k, v), ctx.needs_input_grad[:3])]
-    with torch.enable_grad():
-        out = cpu_attention(*inputs, mask, ctx.scale)
-    wanted = [x for x in inputs if x.requires_grad]
-    grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else ())
-    return (*(next(grads) if x.requires_grad else None for x in inputs), None, None, None, None)
-
-
-_cpu_op.register_autograd(_backward, setup_context=_setup)
+_cpu_op = eager_attention_op("nabla_attn::cpu_attention", cpu_attention)
 
 
 class CpuBackend(Backend):
