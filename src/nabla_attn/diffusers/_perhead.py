@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import mask_from_means, nabla_attention, tile
+from ..attention import mask_from_means, nabla_attention, tile, untile
 from ..grid import TokenLayout, VideoGrid
 from ..masks import BlockSparseMask, MaskSpec, pool_blocks
 
@@ -80,7 +80,13 @@ def head_attention(
 ) -> tuple[torch.Tensor, BlockSparseMask]:  # fmt: skip
     """``nabla_attention`` with one threshold per head; returns the output and the table."""
     layout = TokenLayout(grid, text_tokens, text_position)  # type: ignore[arg-type]
-    mask = head_mask(q, k, layout, spec, token_order, backend, name)
-    out = nabla_attention(q, k, v, grid, None, None, text_tokens, text_position, mask=mask, backend=backend,  # type: ignore[arg-type]
-                          token_order=token_order, precision=precision)  # type: ignore[arg-type]
+    if token_order == "natural":  # tile once: the table and the attention both read tiled q, k
+        q, k, v_t = tile(q, layout), tile(k, layout), tile(v, layout)
+    else:
+        v_t = v
+    mask = head_mask(q, k, layout, spec, "tiled", backend, name)
+    out = nabla_attention(q, k, v_t, grid, None, None, text_tokens, text_position, mask=mask, backend=backend,  # type: ignore[arg-type]
+                          token_order="tiled", precision=precision)  # type: ignore[arg-type]
+    if token_order == "natural":
+        out = untile(out, layout, like=v)  # type: ignore[arg-type]
     return out, mask  # type: ignore[return-value]
