@@ -8,11 +8,7 @@ set -u
 OLD=${1:?usage: compare_refactor.sh OLD_TREE}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SITE=
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  SITE=/tmp/site:
-fi
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi -L
 run() {  # name, timeout, pythonpath, command...
   local name=$1 limit=$2 path=$3; shift 3

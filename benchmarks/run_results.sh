@@ -6,11 +6,7 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-SITE=
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  SITE=/tmp/site:
-fi
+source "$(dirname "$0")/device_env.sh"
 export PYTHONPATH="${SITE}src"
 run() {  # name, timeout, command...
   local name=$1 limit=$2; shift 2

@@ -193,7 +193,7 @@ def nabla_attention(
         _check_mask(mask, lay, q, query_block)
         qb = mask.query_block
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else as_float("scale", scale)
-    if as_choice("precision", precision, PRECISIONS) == "fp8":
+    if check_precision(precision, backend) == "fp8":
         be: _Backend = _fp8_backend(backend, q, k, v, qb)
     else:
         be = backends.get(_choose(as_choice("backend", backend, BACKENDS), Request.of(q, v, qb)))  # type: ignore[arg-type]
@@ -215,11 +215,18 @@ def nabla_attention(
     return (out, mask) if return_mask else out
 
 
+def check_precision(precision: str, backend: str) -> str:
+    """``precision`` validated against the choices and the backend that runs it (ValueError naming
+    both); the one check the op and ``NablaConfig`` share."""
+    precision = as_choice("precision", precision, PRECISIONS)
+    if precision == "fp8" and as_choice("backend", backend, BACKENDS) not in ("auto", "triton"):
+        raise ValueError(f"precision='fp8' runs on backend='triton' only, not backend={backend!r}")
+    return precision
+
+
 def _fp8_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int) -> _Backend:
     """The Triton backend for ``precision="fp8"``, or a ValueError naming what it cannot run."""
-    name = as_choice("backend", backend, BACKENDS)
-    if name not in ("auto", "triton"):
-        raise ValueError(f"precision='fp8' runs on backend='triton' only, not backend={name!r}")
+    check_precision("fp8", backend)
     reason = fp8_unsupported(q, k, v)
     if reason:
         raise ValueError(f"precision='fp8' cannot run {reason}; use precision='bf16'")

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence, Union
 
-from ..attention import BACKENDS
+from ..attention import BACKENDS, check_precision
 from ..masks import MaskSpec
 from ..validation import as_choice, as_int
 from ._perlayer import calibration_fields, check_extra_fields
@@ -94,9 +94,7 @@ class NablaConfig:
         object.__setattr__(self, "exclude_layers", layers)
         as_choice("backend", self.backend, BACKENDS)
         as_choice("tiling", self.tiling, ("auto", "layer", "forward"))
-        as_choice("precision", self.precision, ("bf16", "fp8"))
-        if self.precision == "fp8" and self.backend not in ("auto", "triton"):
-            raise ValueError(f"NablaConfig: precision='fp8' runs on backend='triton' only, not backend={self.backend!r}")
+        check_precision(self.precision, self.backend)
         check_extra_fields(self)  # layer_thresholds (dense entries join exclude_layers), mask reuse
 
     @property
