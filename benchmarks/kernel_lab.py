@@ -5,7 +5,7 @@ is faster, by how much" in one process, against the cuDNN dense forward measured
 on Wan 14B 720p (21x40x80, no padding) and the padded 21x45x80 grid diffusers runs at 720p:
 
 - forward, kernel alone on pre-tiled q, k, v: the Triton kernel on 64- and 128-row tables (TMA
-  on/off, warps/stages) and the warp-specialised Gluon forward on 128-row tables (ring slots);
+  on/off, warps/stages) and the warp-specialised Gluon forward on both (ring slots);
 - forward + backward, kernel alone (TMA on/off in the backward, pipeline stages);
 - the mask builder's stages: pooling (warps), the block-score product (``tf32x3``, ``ieee``,
   ``tf32``, torch float32; table entries that differ from the table of float64 scores), the row
@@ -40,11 +40,11 @@ import harness as H  # noqa: E402
 from nabla_attn import MaskSpec, TokenLayout, VideoGrid, backends, tile, untile  # noqa: E402
 from nabla_attn.backends.triton import DEFAULT_CONFIG as D0  # noqa: E402
 
-# On sm_90 128-row tables run the Gluon kernel unless warp_specialized=False.
+# On sm_90 the forward runs the Gluon kernel unless warp_specialized=False.
 TK = replace(D0, warp_specialized=False)
 FWD = {
-    "triton_q64": (64, D0), "triton_q64_no_tma": (64, replace(D0, tma=False)),
-    "triton_q64_s3": (64, replace(D0, fwd_stages=3)),
+    "triton_q64": (64, TK), "triton_q64_no_tma": (64, replace(TK, tma=False)),
+    "triton_q64_s3": (64, replace(TK, fwd_stages=3)), "gluon_q64": (64, D0),
     "triton_q128": (128, TK), "triton_q128_no_tma": (128, replace(TK, tma=False)),
     "triton_q128_w8_s3": (128, replace(TK, fwd_warps=8, fwd_stages=3)),
     "gluon_q128": (128, D0), "gluon_q128_s2": (128, replace(D0, ws_stages=2)),
@@ -153,6 +153,12 @@ def lab_shape(sname: str, layout: TokenLayout, heads: int, head_dim: int, dtype:
              for qb in (64, 128)}
     srow: dict[str, Any] = {"dense_cudnn_fwd_ms": dense, "padded": layout.padded,
                             **{f"q{qb}_density": m.density for qb, (_, m) in found.items()}}
+    if dev.type == "cuda":
+        from nabla_attn.kernels.attention_ws import union_lists
+
+        kept64 = found[64][1].kept
+        # K/V blocks the 64-row Gluon forward loads per pair of rows, against the two lists' sum.
+        srow["q64_union_fraction"] = float(union_lists(kept64)[0].sum() / kept64.sum())
     srow.update(kernel_rows(q, k, v, {qb: m for qb, (_, m) in found.items()}, dense, names, args.errors))
     if not args.skip_mask:
         srow["mask"] = mask_lab(q, k, qn, kn, layout, {qb: thr for qb, (thr, _) in found.items()})

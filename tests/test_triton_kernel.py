@@ -185,13 +185,16 @@ def test_rejects_mismatched_mask() -> None:
 
 
 def test_warp_specialized_only_where_it_runs() -> None:
-    """The Gluon forward serves sm_90, 128-row tables, fp16/bf16, head_dim 64/128 and a positive
-    scale; everything else runs the Triton kernel. Each condition alone turns it off."""
+    """The Gluon forward serves sm_90, fp16/bf16, head_dim 64/128 and a positive scale (64-row tables
+    unless ``ws_q64`` is off); everything else runs the Triton kernel. Each condition alone turns
+    it off."""
     on = KernelConfig()
     hopper = (9, 0)
     assert ws_eligible(torch.bfloat16, 128, 128, 0.1, hopper, on)
     assert ws_eligible(torch.float16, 64, 128, 0.1, hopper, on)
-    assert not ws_eligible(torch.bfloat16, 128, 64, 0.1, hopper, on)
+    assert ws_eligible(torch.bfloat16, 128, 64, 0.1, hopper, on)
+    assert not ws_eligible(torch.bfloat16, 128, 64, 0.1, hopper, KernelConfig(ws_q64=False))
+    assert ws_eligible(torch.bfloat16, 128, 128, 0.1, hopper, KernelConfig(ws_q64=False))
     assert not ws_eligible(torch.bfloat16, 128, 128, -0.1, hopper, on)
     assert not ws_eligible(torch.float32, 128, 128, 0.1, hopper, on)
     assert not ws_eligible(torch.bfloat16, 32, 128, 0.1, hopper, on)
@@ -212,3 +215,32 @@ def test_warp_specialized_rejects_a_ring_that_does_not_fit() -> None:
 def test_kernel_config_round_trip() -> None:
     cfg = KernelConfig(tma=False, ws_stages=2, dq_warps=8)
     assert KernelConfig.decode(cfg.encode()) == cfg
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 19), (1, 2, 6, 6), (1, 1, 1, 5)])
+def test_union_lists_of_row_pairs(shape: tuple[int, int, int, int]) -> None:
+    """The 64-row Gluon forward's union lists (plain Triton, so the interpreter runs them): for each
+    pair of rows the ascending union of their kept blocks, and each row's own entries located in it,
+    against a Python walk. Odd row counts leave the last pair one row; a broadcast head and an empty
+    row are included."""
+    from nabla_attn.kernels.attention_ws import union_lists
+
+    g = torch.Generator().manual_seed(sum(shape))
+    kept = torch.rand(*shape, generator=g) < 0.35
+    kept[0, 0, 0] = False
+    kept = kept.to(DEVICE)
+    if shape[1] == 2:
+        kept = kept[:, :1]  # a size-1 head dimension (read through stride 0)
+    ucnt, uidx, pos = union_lists(kept)
+    B, H, nq, _ = kept.shape
+    assert ucnt.shape == (B, H, (nq + 1) // 2)
+    for b in range(B):
+        for h in range(H):
+            for i in range((nq + 1) // 2):
+                rows = [r for r in (2 * i, 2 * i + 1) if r < nq]
+                union = sorted({c for r in rows for c in kept[b, h, r].nonzero().flatten().tolist()})
+                assert int(ucnt[b, h, i]) == len(union)
+                assert uidx[b, h, i, : len(union)].tolist() == union
+                for r in rows:
+                    own = kept[b, h, r].nonzero().flatten().tolist()
+                    assert pos[b, h, r, : len(own)].tolist() == [union.index(c) for c in own]

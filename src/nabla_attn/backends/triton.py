@@ -40,15 +40,17 @@ class KernelConfig:
 
     - ``tma``: K/V tiles of the Triton forward by tensor descriptors on Hopper and newer (other
       cards run pointer loads). ``bwd_tma``: the same for the backward (K/V in dQ, q/dO in dK/dV).
-    - ``warp_specialized``: on Hopper (sm_90), the forward of 128-row tables in float16 or bfloat16
-      with a positive scale runs the Gluon kernel (same output contract); ``ws_stages``: its ring of
-      K/V shared-memory slots (3 is the most that fits at head_dim 128).
+    - ``warp_specialized``: on Hopper (sm_90), the forward in float16 or bfloat16 with a positive
+      scale runs the Gluon kernel (same output contract); ``ws_q64``: also for 64-row tables (one
+      stream of the union of two rows' lists); ``ws_stages``: its ring of K/V shared-memory slots
+      (3 slots of 128 keys is the most that fits at head_dim 128).
     - ``fwd_warps`` / ``fwd_stages``: the Triton forward on 128-row tiles (64-row tiles use 4 warps).
     - ``dq_*`` / ``dkdv_*``: warps and pipeline stages of the two backward kernels (64-row tiles).
     """
 
     tma: bool = True
     warp_specialized: bool = True
+    ws_q64: bool = True
     ws_stages: int = 3
     fwd_warps: int = 4
     fwd_stages: int = 2
@@ -76,10 +78,12 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def ws_eligible(dtype: torch.dtype, head_dim: int, query_block: int, scale: float, capability: tuple[int, int],
                 cfg: KernelConfig) -> bool:
-    """Whether a forward with these properties runs the Gluon kernel (``KernelConfig.warp_specialized``):
-    128-row tables, float16/bfloat16, head_dim 64 or 128, a positive scale (it folds into exp2), and
-    sm_90 (wgmma, the instruction the kernel is written in, exists there only)."""
-    return (cfg.warp_specialized and query_block == 128 and scale > 0 and dtype in (torch.float16, torch.bfloat16)
+    """Whether a forward with these properties runs the Gluon kernel (``KernelConfig.warp_specialized``
+    for 128-row tables, with ``ws_q64`` for 64-row ones): float16/bfloat16, head_dim 64 or 128, a
+    positive scale (it folds into exp2), and sm_90 (wgmma, the instruction the kernel is written
+    in, exists there only)."""
+    table = query_block == 128 or (query_block == 64 and cfg.ws_q64)
+    return (cfg.warp_specialized and table and scale > 0 and dtype in (torch.float16, torch.bfloat16)
             and head_dim in (64, 128) and capability == (9, 0))
 
 
@@ -104,7 +108,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Te
     if warp_specialized(q, query_block, scale, cfg):
         from ..kernels import attention_ws
 
-        return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages)
+        return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages,
+                                    kept=kept if query_block == 64 else None)
     return kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
                           tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
 

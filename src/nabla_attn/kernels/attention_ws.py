@@ -1,9 +1,9 @@
 """Warp-specialised block-sparse attention forward for Hopper, written in Gluon.
 
 Same contract as the Triton forward (:func:`nabla_attn.kernels.attention.forward`) for 128-row
-query tables (one list of kept 64-token key blocks per 128-row query tile; tiled ``[B*H*S, D]``
-tensors): writes ``O`` and the base-2 log-sum-exp, and a row with no kept key gets output 0 and
-log-sum-exp ``+inf``.
+and 64-row query tables (one list of kept 64-token key blocks per query block; tiled
+``[B*H*S, D]`` tensors): writes ``O`` and the base-2 log-sum-exp, and a row with no kept key gets
+output 0 and log-sum-exp ``+inf``.
 
 Why a second kernel: the Triton kernel runs the softmax and the tensor-core products of one tile in
 one instruction stream, so each waits for the other (docs/kernel-notes.md, v9-v20). Here one CTA
@@ -15,7 +15,16 @@ holds three partitions, as in FlashAttention-3:
   in flight, so the tensor cores and the FMA/exp units work at the same time. The two consumers
   share every K/V copy.
 A step covers two listed key blocks (128 keys): half the accumulator rescales, row reductions and
-barrier waits per key of one-block steps. Registers are rebalanced per partition (``setmaxnreg``):
+barrier waits per key of one-block steps.
+
+64-row tables (the paper's 64x64 blocks) give each 64-row query block its own list. One program
+still holds two of them, one per consumer, because the cost there is the K/V traffic from L2, not
+the arithmetic: a 64-row block reuses each loaded K/V block for 64 queries only (giving each
+consumer its own list and ring runs no faster than the Triton kernel, kernel-notes v29). So the
+producer streams the *union* of the two lists, one block per slot, each K/V block once, and each
+consumer computes only the blocks its own list holds (:func:`_consumer_union`); neighbouring query
+blocks of a video keep mostly the same key blocks, so the union is far shorter than the two lists.
+ Registers are rebalanced per partition (``setmaxnreg``):
 240 per consumer thread, 24 for the producer.
 
 Gluon is Triton's experimental dialect and its API moves between releases: the kernel runs on the
@@ -27,6 +36,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -138,7 +149,15 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(kv_empty.index(st), count=1)
 
-    first = tile_row + HALF * ROWS
+    _epilogue(acc, m_i, l_i, O, LSE, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout, o_layout, dtype)
+
+
+@gluon.jit
+def _epilogue(acc, m_i, l_i, O, LSE, row0, first, S, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr,
+              o_layout: gl.constexpr, dtype: gl.constexpr):
+    """Normalise and store a consumer's 64 rows starting at ``first`` (and their log-sum-exp)."""
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     # S is a multiple of 64: each consumer's 64 rows are all real or (last tile) all past the end.
     if first < S:
         has = l_i > 0.0
@@ -149,6 +168,148 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
         gl.store(O + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), out.to(dtype))
         lse = gl.where(has, m_i + gl.log2(l_safe), float("inf"))
         gl.store(LSE + (row0 + first + gl.arange(0, ROWS, layout=row_s)).to(gl.int64), lse)
+
+
+@gluon.jit
+def _masked_block(s, n, col_layout: gl.constexpr):
+    """Scores against one key block with its padding slots at ``-inf`` (uniform branch)."""
+    if n < ROWS:
+        cols = gl.arange(0, ROWS, layout=col_layout)
+        s = gl.where(gl.expand_dims(cols < n, 0), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _block_count(IDX_row, BCNT, j, PAD: gl.constexpr):
+    """Real tokens of list entry ``j`` (64 without ``PAD``, as a runtime scalar)."""
+    if PAD:
+        n = gl.load(BCNT + gl.load(IDX_row + j))
+    else:
+        n = ROWS + 0 * j
+    return n
+
+
+@gluon.jit
+def _pass_slots(k_ready, kv_empty, start, stop, NUM_STAGES: gl.constexpr):
+    """Release the union slots in ``[start, stop)`` that this consumer does not compute. It still
+    waits for each fill: barrier phases are tracked by parity, so a consumer that skipped a fill
+    could mistake the slot's previous phase for the one it wants."""
+    for u in range(start, stop):
+        mbarrier.wait(k_ready.index(u % NUM_STAGES), (u // NUM_STAGES) & 1)
+        mbarrier.arrive(kv_empty.index(u % NUM_STAGES), count=1)
+
+
+@gluon.jit
+def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, tile_row, S, qk_scale,
+                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+    """One consumer of a 64-row table: its own list ``IDX`` (``cnt`` blocks) whose entries sit at
+    union positions ``POS`` (ascending). Union slots hold one block each; the consumer visits every
+    union position in order, computes its own and releases the others (:func:`_pass_slots`).
+
+    Pipelining as in :func:`_consumer`: the next own block's ``Q.K^T`` is issued before this one's
+    ``P.V``, holding two slots. That is safe only when the next own block lies fewer than
+    ``NUM_STAGES`` positions ahead (the producer must be able to fill it without this consumer's
+    current slot); otherwise this block's ``P.V`` finishes and its slot is released first."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, ROWS, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dtype: gl.constexpr = K_desc.dtype
+
+    q = q_smem.index(HALF)
+    if HALF == 0:
+        IDX_row = IDX0
+        POS_row = POS0
+        cnt = cnt0
+    else:
+        IDX_row = IDX1
+        POS_row = POS1
+        cnt = cnt1
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([ROWS], gl.float32, row_s)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    s = gl.zeros([ROWS, ROWS], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    rest = 0
+    if cnt > 0:
+        a = gl.load(POS_row)
+        _pass_slots(k_ready, kv_empty, 0, a, NUM_STAGES)
+        mbarrier.wait(k_ready.index(a % NUM_STAGES), (a // NUM_STAGES) & 1)
+        s = warpgroup_mma(q, k_bufs.index(a % NUM_STAGES).permute((1, 0)), s, use_acc=False, is_async=True)
+        # The next entry's position and token count are read one step ahead (no load stalls).
+        b = gl.load(POS_row + gl.minimum(1, cnt - 1))
+        n_b = _block_count(IDX_row, BCNT, gl.minimum(1, cnt - 1), PAD)
+        n_a = _block_count(IDX_row, BCNT, 0, PAD)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        s = _masked_block(s, n_a, col_s)
+        m_i, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+        p = p.to(dtype)
+        for j in range(cnt - 1):
+            ahead = gl.minimum(j + 2, cnt - 1)
+            b2 = gl.load(POS_row + ahead)
+            n_b2 = _block_count(IDX_row, BCNT, ahead, PAD)
+            sa = a % NUM_STAGES
+            sb = b % NUM_STAGES
+            if b - a < NUM_STAGES:
+                _pass_slots(k_ready, kv_empty, a + 1, b, NUM_STAGES)
+                mbarrier.wait(k_ready.index(sb), (b // NUM_STAGES) & 1)
+                s = warpgroup_mma(q, k_bufs.index(sb).permute((1, 0)), s, use_acc=False, is_async=True)
+                mbarrier.wait(v_ready.index(sa), (a // NUM_STAGES) & 1)
+                acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_bufs.index(sa), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s, ))
+                s = _masked_block(s, n_b, col_s)
+                m_i, l_i, p_f, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                mbarrier.arrive(kv_empty.index(sa), count=1)
+            else:
+                mbarrier.wait(v_ready.index(sa), (a // NUM_STAGES) & 1)
+                acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_bufs.index(sa), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                mbarrier.arrive(kv_empty.index(sa), count=1)
+                _pass_slots(k_ready, kv_empty, a + 1, b, NUM_STAGES)
+                mbarrier.wait(k_ready.index(sb), (b // NUM_STAGES) & 1)
+                s = warpgroup_mma(q, k_bufs.index(sb).permute((1, 0)), s, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+                s = _masked_block(s, n_b, col_s)
+                m_i, l_i, p_f, alpha = _softmax_step(s, m_i, l_i, qk_scale)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p = p_f.to(dtype)
+            a = b
+            b = b2
+            n_b = n_b2
+        sa = a % NUM_STAGES
+        mbarrier.wait(v_ready.index(sa), (a // NUM_STAGES) & 1)
+        acc = warpgroup_mma(gl.convert_layout(p, p_layout), v_bufs.index(sa), acc, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(sa), count=1)
+        rest = a + 1
+    _pass_slots(k_ready, kv_empty, rest, ucnt, NUM_STAGES)
+    _epilogue(acc, m_i, l_i, O, LSE, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout, o_layout, dtype)
+
+
+@gluon.jit
+def _producer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, tile_row, S, qk_scale,
+                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+    """Q, then each block of the union list ``UIDX`` once, K and V into one slot; a slot is refilled
+    once both consumers released it."""
+    mbarrier.expect(q_bar, 2 * Q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row, 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row + ROWS, 0], q_bar, q_smem.index(1))
+    nbytes: gl.constexpr = K_desc.block_type.nbytes
+    for u in range(ucnt):
+        st = u % NUM_STAGES
+        mbarrier.wait(kv_empty.index(st), ((u // NUM_STAGES) & 1) ^ 1)
+        row = row0 + gl.load(UIDX + u) * ROWS
+        mbarrier.expect(k_ready.index(st), nbytes)
+        tma.async_copy_global_to_shared(K_desc, [row, 0], k_ready.index(st), k_bufs.index(st))
+        mbarrier.expect(v_ready.index(st), nbytes)
+        tma.async_copy_global_to_shared(V_desc, [row, 0], v_ready.index(st), v_bufs.index(st))
 
 
 @gluon.jit
@@ -221,6 +382,103 @@ def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, 
     ], [4, 1], [240, 24])
 
 
+@gluon.jit
+def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, BCNT,
+                    c_b, c_h, i_b, i_h, i_r, u_b, u_h, ui_b, ui_h, ui_r, H, S, NQ, qk_scale,
+                    HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+    """One program per (pair of 64-row query blocks, batch*head) of a 64-row table: ``CNT``/``IDX``
+    the table's kv lists (``NQ`` rows per head), ``UCNT``/``UIDX`` the union list of each pair,
+    ``POS`` (strides of ``IDX``) each own entry's position in its pair's union list
+    (:func:`union_lists`)."""
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = (bh // H).to(gl.int64)
+    h = (bh % H).to(gl.int64)
+    r0 = 2 * pid_m
+    # An odd number of query blocks leaves the last program's second consumer nothing.
+    r1 = gl.minimum(r0 + 1, NQ - 1)
+    cnt0 = gl.load(CNT + b * c_b + h * c_h + r0)
+    cnt1 = gl.where(r0 + 1 < NQ, gl.load(CNT + b * c_b + h * c_h + r1), 0)
+    ucnt = gl.load(UCNT + b * u_b + h * u_h + pid_m)
+    UIDX_row = UIDX + b * ui_b + h * ui_h + pid_m * ui_r
+    off0 = b * i_b + h * i_h + r0 * i_r
+    off1 = b * i_b + h * i_h + r1 * i_r
+    row0 = bh * S
+    tile_row = pid_m * (2 * ROWS)
+
+    q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, ROWS, HEAD_DIM], K_desc.layout)
+    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, ROWS, HEAD_DIM], V_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        # Both consumers release every union slot (one computed it, or both).
+        mbarrier.init(kv_empty.index(i), count=2)
+
+    gl.warp_specialize([
+        (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                           O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
+                           row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+        (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                           O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
+                           row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD)),
+        (_producer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
+                           O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
+                           row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+    ], [4, 1], [240, 24])
+
+
+@triton.jit
+def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, u_b, u_h, ui_b, ui_h, ui_r, p_b, p_h, p_r, H, NQ, NK,
+                        BLOCK: tl.constexpr):
+    """One program per pair of table rows (2i, 2i+1): the union of their kept blocks as an ascending
+    list, and for each row's own list the position of each entry in that union."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inb = cols < NK
+    r0 = 2 * pid
+    r1 = r0 + 1
+    base = KEPT + b * k_b + h * k_h
+    a0 = tl.load(base + r0 * k_r + cols, mask=inb, other=0).to(tl.int32)
+    a1 = tl.load(base + r1 * k_r + cols, mask=inb & (r1 < NQ), other=0).to(tl.int32)
+    un = a0 | a1
+    rank = tl.cumsum(un, 0) - 1
+    tl.store(UCNT + b * u_b + h * u_h + pid, tl.sum(un, 0))
+    tl.store(UIDX + b * ui_b + h * ui_h + pid * ui_r + rank, cols, mask=un > 0)
+    pos = POS + b * p_b + h * p_h
+    tl.store(pos + r0 * p_r + tl.cumsum(a0, 0) - 1, rank, mask=a0 > 0)
+    tl.store(pos + r1 * p_r + tl.cumsum(a1, 0) - 1, rank, mask=a1 > 0)
+
+
+def union_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a 64-row bool table ``[B|1, H|1, Qb, Kb]``: union counts ``[B|1, H|1, ceil(Qb/2)]`` and
+    ascending union lists ``[.., ceil(Qb/2), Kb]`` of each pair of rows, and ``[B|1, H|1, Qb, Kb]``
+    positions of each row's kept blocks (in list order) within its pair's union; int32, entries past
+    the counts unwritten."""
+    from .attention import bh_strides
+
+    t = kept.view(torch.uint8)
+    B, H, nq, nk = t.shape
+    npair = -(-nq // 2)
+    ucnt = torch.empty(B, H, npair, dtype=torch.int32, device=kept.device)
+    uidx = torch.empty(B, H, npair, nk, dtype=torch.int32, device=kept.device)
+    pos = torch.empty(B, H, nq, nk, dtype=torch.int32, device=kept.device)
+    block = triton.next_power_of_2(nk)
+    _union_lists_kernel[(npair, B * H)](
+        t, ucnt, uidx, pos, *bh_strides(t), t.stride(2), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
+        *bh_strides(pos), pos.stride(2), H, nq, nk, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
+    return ucnt, uidx, pos
+
+
 # ------------------------------------------------------------------------------------------ launcher
 @functools.cache
 def gluon_validated() -> bool:
@@ -236,10 +494,13 @@ def smem_bytes(stages: int, head_dim: int, element_size: int) -> int:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
-            block_counts: torch.Tensor, scale: float, *, padded: bool, stages: int = 3
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            block_counts: torch.Tensor, scale: float, *, padded: bool, stages: int = 3,
+            kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp of contiguous tiled fp16/bf16 q, k, v ``[B, H, S, D]`` (D 64 or
-    128) under a 128-row table's kv lists; ``scale`` must be positive (it folds into exp2)."""
+    128) under a table's kv lists; ``scale`` must be positive (it folds into exp2). A 128-row table
+    passes its lists alone; a 64-row table also passes its bool table ``kept`` (the union lists are
+    built from it). ``stages`` counts 128-key slots (a 64-row table's ring has twice as many
+    one-block slots in the same shared memory)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .attention import bh_strides
@@ -254,6 +515,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     layout = gl.NVMMASharedLayout.get_default_for(
         [BLOCK_TOKENS, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
     qd, kd, vd = (TensorDescriptor.from_tensor(x.view(B * H * S, D), [BLOCK_TOKENS, D], layout) for x in (q, k, v))
+    if kept is not None:
+        ucnt, uidx, pos = union_lists(kept)
+        _attn_fwd_union[(-(-S // 128), B * H)](
+            qd, kd, vd, o, lse, counts, indices, ucnt, uidx, pos, block_counts, *bh_strides(counts),
+            *bh_strides(indices), indices.stride(2), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
+            H, S, counts.shape[2], scale * LOG2E, HEAD_DIM=D, NUM_STAGES=2 * stages, PAD=padded,
+            num_warps=4, maxnreg=168,
+        )  # fmt: skip
+        return o, lse
     _attn_fwd_ws[(-(-S // 128), B * H)](
         qd, kd, vd, o, lse, counts, indices, block_counts, *bh_strides(counts), *bh_strides(indices),
         indices.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=stages, PAD=padded,
