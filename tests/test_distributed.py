@@ -55,6 +55,10 @@ CASES: dict[str, dict[str, Any]] = {
     # Heads of equal statistics: balancing (default min gain) keeps the contiguous split.
     "even_heads_default_gain": dict(grid=(2, 16, 16), text=0, pos="end", H=4, B=1, D=16, Dv=16, threshold=0.5,
                                     sta=None, qb=64, balance=True, split=None, pad=False, mask=False, scales=(1.0, 1.0)),
+    # Plain split (tables built after the all-to-all from each rank's own heads), batch 2, fewer
+    # heads than ranks at world 3 (a rank with no heads builds an empty table).
+    "plain_two_heads_batch2": dict(grid=(2, 9, 17), text=3, pos="end", H=2, B=2, D=16, Dv=16, threshold=0.5,
+                                   sta=None, qb=64, balance=False, split=None, pad=False, mask=False),
     # A precomputed global mask (balancing from its per-head counts).
     "given_mask": dict(grid=(2, 9, 17), text=0, pos="end", H=4, B=1, D=16, Dv=16, threshold=0.3,
                        sta=None, qb=64, balance=True, split=None, pad=False, mask=True),

@@ -7,9 +7,11 @@ Each rank of a ``torch.distributed`` group holds a contiguous shard of the natur
    sums ``[B, H, video_blocks, D]`` (a block cut by a shard boundary gets a partial sum on each
    side) and one all-reduce adds them up, so every rank holds every head's block means of the full
    sequence. This moves ``2 * B * H * blocks * D`` floats, about 43 MB for Wan 14B at 720p.
-2. *Masks and head assignment.* Without balancing each rank builds the NABLA tables of its own
-   contiguous run of heads from the means (:func:`nabla_attn.mask_from_means`, the single-GPU
-   builder). With balancing each rank builds the tables of one run, the tables are
+2. *Masks and head assignment.* Without balancing (``balance=False``) steps 1 and 2 are skipped:
+   each rank builds the tables of its own contiguous run of heads after step 3, from the tiled q, k
+   it received (:func:`nabla_attn.nabla_mask_tiled`, the single-GPU builder), so its mask costs
+   what one process's does for that many heads. With balancing each rank builds the tables of one
+   run from the means (:func:`nabla_attn.mask_from_means`), the tables are
    all-gathered (bool, ``H * Qb * Kb`` bytes), every rank counts each head's kept blocks and runs the
    same greedy longest-processing-time assignment (fixed head count per rank), so all ranks agree.
 3. *All-to-all in.* q, k, v travel in one all-to-all (one when v's head_dim differs from q's: two):
@@ -20,7 +22,8 @@ Each rank of a ``torch.distributed`` group holds a contiguous shard of the natur
 
 The all-to-alls are autograd functions, so gradients flow to the local q, k, v shards.
 
-Mask equality with one process: the tables are computed from the same float32 block means as
+Mask equality with one process: without balancing, each table is built as one process builds it
+from tiled q, k. With balancing, the tables are computed from the same float32 block means as
 :func:`~nabla_attn.nabla_mask`, except that the sums are accumulated in a different order (token
 order per rank, then across ranks, instead of per 64-slot block). The means therefore agree to
 float32 rounding (relative ~1e-7), and a table can differ from the single-process one only where a
@@ -37,7 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..attention import BACKENDS, Backend, make_layout, mask_from_means, nabla_attention
+from ..attention import BACKENDS, Backend, make_layout, mask_from_means, nabla_attention, nabla_mask_tiled
 from ..cache import DeviceCache
 from ..constants import TILE
 from ..grid import TokenLayout, VideoGrid
@@ -179,7 +182,7 @@ def ulysses_nabla_attention(
     text_position: str = "end",
     *,
     group: ProcessGroup | None = None,
-    balance: bool = True,
+    balance: bool = False,
     balance_min_gain: float = 0.1,
     backend: Backend = "auto",
     query_block: int = 64,
@@ -206,7 +209,10 @@ def ulysses_nabla_attention(
             gloo on CPU.
         balance: assign heads to ranks by their kept-block counts (same number of heads per rank,
             greedy longest-processing-time) instead of contiguous runs, when that lowers the busiest
-            rank's kept blocks by at least ``balance_min_gain`` (a fraction). Moving heads costs
+            rank's kept blocks by at least ``balance_min_gain`` (a fraction). Off by default: it
+            needs every head's table before the all-to-all (from all-reduced block means), which
+            costs more than the contiguous split's tables built after it (docs/distributed.md has
+            the measurements); turn it on when heads' densities differ widely. Moving heads costs
             copies and a table all-gather (~2 ms per Wan 14B 720p block on 2 H200s, measured), so
             a near-even contiguous split is kept as is.
         balance_min_gain: see ``balance``; 0 balances whenever the assignment differs.
@@ -272,6 +278,11 @@ def ulysses_nabla_attention(
             assignment = contiguous_heads(H, P)
             kept_local = sta_mask(grid, spec.sta_window, text_tokens, text_position,  # type: ignore[union-attr, arg-type]
                                   query_block=query_block, device=q.device).kept
+        elif not balance:
+            # Plain split: the rank's own heads arrive whole with the all-to-all, and their table is
+            # built there from the tiled q, k (below), like one process's: its cost shrinks with
+            # the heads a rank holds, and no block sums cross ranks.
+            assignment, kept_local = contiguous_heads(H, P), None
         else:
             means = _block_means(q, k, layout, offset, n_r, group)
             plain = contiguous_heads(H, P)
@@ -285,7 +296,6 @@ def ulysses_nabla_attention(
                 if assignment != plain:
                     kept_local = _all_gather_heads(kept_run, counts, group)[:, assignment[rank]]
     local_heads = assignment[rank]
-    local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
 
     # ---- all-to-all: sequence shards -> full sequence for own heads, in tiled order -------------
     # Copies are the cost here (a full-sequence q, k, v for a rank's heads is ~1 GB at Wan 14B
@@ -315,6 +325,17 @@ def ulysses_nabla_attention(
         r.view(-1, seg_in * r.shape[-1]).index_select(0, gather_in).view(B, h_r, layout.tiled_len, r.shape[-1])
         for r in recv
     )
+
+    if kept_local is None:
+        if timer is not None:
+            timer.start("mask")
+        if h_r > 0:
+            kept_local = nabla_mask_tiled(qt.detach(), kt.detach(), layout, spec.threshold, spec.sta_window,  # type: ignore[union-attr]
+                                          query_block=query_block, backend=backend).kept
+        else:
+            nq = -(-layout.num_blocks // (query_block // 64))
+            kept_local = torch.zeros(B, 0, nq, layout.num_blocks, dtype=torch.bool, device=q.device)
+    local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
 
     # ---- attention over the full sequence for own heads ------------------------------------------
     if timer is not None:
