@@ -131,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--target-density", type=float, default=0.1, help="threshold calibrated to this kept density")
     ap.add_argument("--threshold", type=float, default=None, help="use this threshold instead of calibrating")
     ap.add_argument("--query-block", type=int, default=128)
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"),
+                    help="NABLA's precision (fp8: forward only, so no training step)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--train-reps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=200.0,
@@ -159,6 +161,7 @@ class Setup:
     inputs: tuple[Any, ...]  # hidden states, text context, timestep embedding, RoPE tables
     threshold: float = 0.0
     query_block: int = 128
+    precision: str = "bf16"
 
     def run(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
         h, context, temb, rotary = self.inputs
@@ -173,7 +176,7 @@ class Setup:
             self.block.attn1.set_processor(NoAttentionProcessor())
         elif kind == "nabla":
             cfg = NablaConfig(threshold=self.threshold if threshold is None else threshold,
-                              query_block=self.query_block, tiling="layer")
+                              query_block=self.query_block, tiling="layer", precision=self.precision)  # type: ignore[arg-type]
             handle = apply_nabla(self.model, cfg)
             handle.set_grid(self.grid)
         try:
@@ -210,7 +213,8 @@ def build(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Setup:
     hidden = torch.randn(1, grid.num_tokens, dim, device=device, dtype=dtype)
     context = torch.randn(1, text_len, dim, device=device, dtype=dtype)
     temb = torch.randn(1, 6, dim, device=device, dtype=dtype) * 0.1
-    return Setup(model, block, grid, (hidden, context, temb, rotary), query_block=args.query_block)
+    return Setup(model, block, grid, (hidden, context, temb, rotary), query_block=args.query_block,
+                 precision=args.precision)
 
 
 def attention_alone(st: Setup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t: Callable[..., float],
@@ -222,7 +226,7 @@ def attention_alone(st: Setup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         with sdpa_ctx(kind, device):
             ms[f"attn_dense_{kind}"] = t(lambda: sdpa(q, k, v))
     be, spec, scale = backends.get(res["backend"]), MaskSpec(thr, None, qb), 1.0 / math.sqrt(q.shape[-1])
-    op = lambda: nabla_attention(q, k, v, grid, thr, query_block=qb)  # noqa: E731
+    op = lambda: nabla_attention(q, k, v, grid, thr, query_block=qb, precision=st.precision)  # type: ignore[arg-type]  # noqa: E731
     res["first_op_call_s"] = H.first_call_s(op)
     ms["attn_nabla_op"] = t(op)
     (qt, qa), (kt, ka), (vt, _) = be.tile(q, layout, pool=True), be.tile(k, layout, pool=True), be.tile(v, layout)
@@ -233,7 +237,12 @@ def attention_alone(st: Setup, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:
         mask, plan = be.build_mask(qt, kt, layout, spec)
         ms["nabla_mask_from_tiled"] = t(lambda: be.build_mask(qt, kt, layout, spec))
-    ms["nabla_kernel"] = t(lambda: be.attention(qt, kt, vt, mask, plan, scale))
+    if st.precision == "fp8":
+        from nabla_attn.backends.triton import attention_fp8
+
+        ms["nabla_kernel"] = t(lambda: attention_fp8(qt, kt, vt, mask, plan, scale))
+    else:
+        ms["nabla_kernel"] = t(lambda: be.attention(qt, kt, vt, mask, plan, scale))
     out_t = be.attention(qt, kt, vt, mask, plan, scale)
     ms["nabla_untile"] = t(lambda: be.untile(out_t, layout, like=v))
     res["density"] = mask.density
@@ -403,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     grid, layout, qb = st.grid, TokenLayout(st.grid), st.query_block
     res: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                            "torch": torch.__version__, "grid": [grid.frames, grid.height, grid.width],
-                           "tokens": grid.num_tokens, "query_block": qb, "dtype": str(dtype), "ms": {}, "checks": {}}
+                           "tokens": grid.num_tokens, "query_block": qb, "precision": args.precision,
+                           "dtype": str(dtype), "ms": {}, "checks": {}}
 
     def t(fn: Callable[[], Any]) -> float:
         return H.time_fixed(fn, args.reps, 1 if args.smoke else 2)
@@ -431,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
         if args.forward_tiling:
             forward_tiling(st, t, res, device)
-    if not args.no_train and time.time() - T0 < 0.5 * args.budget_s:
+    if not args.no_train and args.precision == "bf16" and time.time() - T0 < 0.5 * args.budget_s:
         train(st, q, k, v, args, res, device)
         save()
     if not args.no_compile:

@@ -6,7 +6,11 @@
 # machine's own torch and Triton and runs the project from source. The last line is the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# diffusers and other pure-Python wheels carried in .whl/ (a GPU image without them); none: those
+# tests skip, visibly.
+SITE=
+[ -d .whl ] && source benchmarks/device_env.sh
+export PYTHONPATH="${SITE}src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 python3 -c "import torch, triton; print('GPU tests on', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" \

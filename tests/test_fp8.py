@@ -173,12 +173,13 @@ def test_quantize_prepass() -> None:
     assert float((vd[..., valid, :] - vs).abs().max()) <= float(vs.abs().max()) / 16
 
 
-def test_interpreter_cast_workaround_gives_torch_bits() -> None:
-    """Values straddling every binade, subnormals and the saturation point."""
+def test_quantize_gives_torch_bits() -> None:
+    """The kernel's e4m3 cast (the interpreter's workaround on the CPU, the hardware cast on a GPU)
+    gives PyTorch's values: values straddling every binade, subnormals and the saturation point."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(4096, generator=g) * 30, torch.tensor([447.9, 448.0, 7.84, 3.97]),
-                   torch.randn(4092, generator=g) * 1e-2]).view(1, 1, 128, 64)  # two 64x64 blocks
-    z = kernel.quantize(x, x, x, torch.full((x.shape[2] // 64,), 64, dtype=torch.int32), fp8_pv=False)
+                   torch.randn(4092, generator=g) * 1e-2]).view(1, 1, 128, 64).to(DEVICE)  # two 64x64 blocks
+    z = kernel.quantize(x, x, x, torch.full((x.shape[2] // 64,), 64, dtype=torch.int32, device=DEVICE), fp8_pv=False)
     amax = x.view(-1, 64, 64).abs().amax((1, 2))
     want = (x.view(-1, 64, 64) * (448 / amax)[:, None, None]).to(kernel.FP8)
     # Equal values (tiny negatives may round to +0 where PyTorch gives -0).
