@@ -59,7 +59,8 @@ from nabla_attn.masks import reference_mask  # noqa: E402
 VARIANTS: tuple[tuple[str, int, dict[str, Any], bool], ...] = (
     ("default", 128, {}, False), ("triton_fwd", 128, {"warp_specialized": False}, False),
     ("triton_fwd_no_tma", 128, {"warp_specialized": False, "tma": False}, False),
-    ("ws_stages_2", 128, {"ws_stages": 2}, False), ("default", 64, {}, False), ("no_tma", 64, {"tma": False}, False),
+    ("ws_stages_2", 128, {"ws_stages": 2}, False), ("default", 64, {}, False),
+    ("triton_fwd", 64, {"ws_q64": False}, False), ("triton_fwd_no_tma", 64, {"ws_q64": False, "tma": False}, False),
     ("default", 128, {}, True), ("bwd_no_tma", 128, {"bwd_tma": False}, True),
 )
 
