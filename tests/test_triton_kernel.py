@@ -217,20 +217,23 @@ def test_kernel_config_round_trip() -> None:
     assert KernelConfig.decode(cfg.encode()) == cfg
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 7, 19), (1, 2, 6, 6), (1, 1, 1, 5)])
-def test_union_lists_of_row_pairs(shape: tuple[int, int, int, int]) -> None:
+@pytest.mark.parametrize("shape,view", [((2, 3, 7, 19), None), ((1, 2, 6, 6), "one_head"), ((1, 1, 1, 5), None),
+                                        ((2, 2, 9, 9), "transposed")])
+def test_union_lists_of_row_pairs(shape: tuple[int, int, int, int], view: str | None) -> None:
     """The 64-row Gluon forward's union lists (plain Triton, so the interpreter runs them): for each
     pair of rows the ascending union of their kept blocks, and each row's own entries located in it,
-    against a Python walk. Odd row counts leave the last pair one row; a broadcast head and an empty
-    row are included."""
+    against a Python walk. Odd row counts leave the last pair one row; a size-1 head dimension, a
+    table with non-unit column stride and an empty row are included."""
     from nabla_attn.kernels.attention_ws import union_lists
 
     g = torch.Generator().manual_seed(sum(shape))
     kept = torch.rand(*shape, generator=g) < 0.35
     kept[0, 0, 0] = False
     kept = kept.to(DEVICE)
-    if shape[1] == 2:
-        kept = kept[:, :1]  # a size-1 head dimension (read through stride 0)
+    if view == "one_head":
+        kept = kept[:, :1]  # read through stride 0
+    elif view == "transposed":
+        kept = kept.transpose(-1, -2)  # column stride 9
     ucnt, uidx, pos = union_lists(kept)
     B, H, nq, _ = kept.shape
     assert ucnt.shape == (B, H, (nq + 1) // 2)

@@ -434,8 +434,8 @@ def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, B
 
 
 @triton.jit
-def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, u_b, u_h, ui_b, ui_h, ui_r, p_b, p_h, p_r, H, NQ, NK,
-                        BLOCK: tl.constexpr):
+def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, k_c, u_b, u_h, ui_b, ui_h, ui_r, p_b, p_h, p_r, H, NQ,
+                        NK, BLOCK: tl.constexpr):
     """One program per pair of table rows (2i, 2i+1): the union of their kept blocks as an ascending
     list, and for each row's own list the position of each entry in that union."""
     pid = tl.program_id(0)
@@ -447,8 +447,8 @@ def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, u_b, u_h, ui_b, ui
     r0 = 2 * pid
     r1 = r0 + 1
     base = KEPT + b * k_b + h * k_h
-    a0 = tl.load(base + r0 * k_r + cols, mask=inb, other=0).to(tl.int32)
-    a1 = tl.load(base + r1 * k_r + cols, mask=inb & (r1 < NQ), other=0).to(tl.int32)
+    a0 = tl.load(base + r0 * k_r + cols * k_c, mask=inb, other=0).to(tl.int32)
+    a1 = tl.load(base + r1 * k_r + cols * k_c, mask=inb & (r1 < NQ), other=0).to(tl.int32)
     un = a0 | a1
     rank = tl.cumsum(un, 0) - 1
     tl.store(UCNT + b * u_b + h * u_h + pid, tl.sum(un, 0))
@@ -459,7 +459,7 @@ def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, u_b, u_h, ui_b, ui
 
 
 def union_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a 64-row bool table ``[B|1, H|1, Qb, Kb]``: union counts ``[B|1, H|1, ceil(Qb/2)]`` and
+    """For a 64-row bool table ``[B|1, H|1, Qb, Kb]`` (any strides): union counts ``[B|1, H|1, ceil(Qb/2)]`` and
     ascending union lists ``[.., ceil(Qb/2), Kb]`` of each pair of rows, and ``[B|1, H|1, Qb, Kb]``
     positions of each row's kept blocks (in list order) within its pair's union; int32, entries past
     the counts unwritten."""
@@ -473,7 +473,7 @@ def union_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     pos = torch.empty(B, H, nq, nk, dtype=torch.int32, device=kept.device)
     block = triton.next_power_of_2(nk)
     _union_lists_kernel[(npair, B * H)](
-        t, ucnt, uidx, pos, *bh_strides(t), t.stride(2), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
+        t, ucnt, uidx, pos, *bh_strides(t), t.stride(2), t.stride(3), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
         *bh_strides(pos), pos.stride(2), H, nq, nk, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return ucnt, uidx, pos
