@@ -212,6 +212,18 @@ def test_warp_specialized_rejects_a_ring_that_does_not_fit() -> None:
     assert attention_ws.smem_bytes(3, 128, 2) <= attention_ws.SMEM_BYTES
 
 
+def test_warp_specialized_rejects_lists_that_are_not_its_tables() -> None:
+    """The 64-row forward reads union positions with the kv lists' strides: lists shaped for
+    another table (here a broadcast table against per-head lists) are refused, naming the shapes."""
+    from nabla_attn.kernels import attention_ws
+
+    q = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)
+    kept = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    counts, indices = torch.zeros(1, 2, 2, dtype=torch.int32), torch.zeros(1, 2, 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"kv lists of its table \(1, 1, 2, 2\), got counts \(1, 2, 2\)"):
+        attention_ws.forward(q, q, q, counts, indices, counts, 0.1, padded=False, kept=kept)
+
+
 def test_kernel_config_round_trip() -> None:
     cfg = KernelConfig(tma=False, ws_stages=2, dq_warps=8)
     assert KernelConfig.decode(cfg.encode()) == cfg

@@ -193,7 +193,10 @@ def _block_count(IDX_row, BCNT, j, PAD: gl.constexpr):
 def _pass_slots(k_ready, kv_empty, start, stop, NUM_STAGES: gl.constexpr):
     """Release the union slots in ``[start, stop)`` that this consumer does not compute. It still
     waits for each fill: barrier phases are tracked by parity, so a consumer that skipped a fill
-    could mistake the slot's previous phase for the one it wants."""
+    could mistake the slot's previous phase for the one it wants. Only the consumer that computes
+    a slot waits for its V copy; that is enough because every union position is in one of the two
+    lists (the launcher checks the lists come from the table), so a slot is never refilled while
+    its V copy is in flight."""
     for u in range(start, stop):
         mbarrier.wait(k_ready.index(u % NUM_STAGES), (u // NUM_STAGES) & 1)
         mbarrier.arrive(kv_empty.index(u % NUM_STAGES), count=1)
@@ -510,6 +513,17 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     if need > SMEM_BYTES:
         raise ValueError(f"the warp-specialised forward with {stages} stages needs {need // 1024} KiB of shared "
                          f"memory at head_dim {D}; Hopper has {SMEM_BYTES // 1024} KiB")
+    if B * H * S >= 2**31:
+        raise ValueError(f"the warp-specialised forward addresses rows with 32-bit copy-engine coordinates: batch x "
+                         f"heads x tokens = {B} x {H} x {S} = {B * H * S} rows must stay below 2^31")
+    if kept is not None:
+        # The kernel reads each own entry's union position with the kv lists' strides, and every
+        # union position must be in one of the two lists (else no consumer waits for its V copy):
+        # the lists must be the compaction of this very table.
+        want = (*kept.shape[:3], kept.shape[3])
+        if tuple(indices.shape) != want or tuple(counts.shape) != want[:3] or not indices.is_contiguous():
+            raise ValueError(f"the 64-row forward needs contiguous kv lists of its table {want}, got counts "
+                             f"{tuple(counts.shape)} and indices {tuple(indices.shape)} (strides {indices.stride()})")
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     layout = gl.NVMMASharedLayout.get_default_for(
