@@ -9,12 +9,6 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/device_env.sh"
 export PYTHONPATH="${SITE}src"
-run() {  # name, timeout, command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - t0)) s"
-}
 run fp8_h200 120 python3 benchmarks/bench_fp8.py --out "$OUT/fp8_h200.json" --budget-s 100 --reps 5
 run fp8_model_quality_h200 150 python3 benchmarks/fp8_model_quality.py --cuda --out "$OUT/fp8_model_quality_h200.json"
 run wan_block_fp8_h200 270 python3 benchmarks/bench_wan_block.py --precision fp8 --query-block 64 --no-train \

@@ -8,12 +8,6 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 source "$(dirname "$0")/device_env.sh"
 export PYTHONPATH="${SITE}src"
-run() {  # name, timeout, command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  echo "== $name rc=$? $((SECONDS - t0)) s"
-}
 run attention ${ATTN_S:-250} python3 benchmarks/bench_attention.py --shapes wan14b_720p --calls 10 --json "$OUT/attention_h200.json"
 run kandinsky ${K5_S:-200} python3 benchmarks/bench_kandinsky.py --eager-only --out "$OUT/kandinsky_h200.json"
 run wan_block_train ${WAN_S:-130} python3 benchmarks/bench_wan_block.py --no-compile --budget-s 200 --out "$OUT/wan_block_train_h200.json"

@@ -44,7 +44,7 @@ from ..attention import BACKENDS, Backend, make_layout, mask_from_means, nabla_a
 from ..cache import DeviceCache
 from ..constants import TILE
 from ..grid import TokenLayout, VideoGrid
-from ..masks import BlockSparseMask, MaskSpec, sta_mask
+from ..masks import BlockSparseMask, MaskSpec, num_query_blocks, sta_mask
 from ..validation import as_choice, check_tensors
 from .comm import ProcessGroup, all_to_all_rows, group_size_rank
 from .maps import gathers
@@ -333,8 +333,8 @@ def ulysses_nabla_attention(
             kept_local = nabla_mask_tiled(qt.detach(), kt.detach(), layout, spec.threshold, spec.sta_window,  # type: ignore[union-attr]
                                           query_block=query_block, backend=backend).kept
         else:
-            nq = -(-layout.num_blocks // (query_block // 64))
-            kept_local = torch.zeros(B, 0, nq, layout.num_blocks, dtype=torch.bool, device=q.device)
+            kept_local = torch.zeros(B, 0, num_query_blocks(layout, query_block), layout.num_blocks,
+                                     dtype=torch.bool, device=q.device)
     local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
 
     # ---- attention over the full sequence for own heads ------------------------------------------

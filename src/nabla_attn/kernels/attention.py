@@ -84,7 +84,7 @@ def _rows(X, x_off, s_s, rows, offs_d, n_rows, desc_row, BOUNDED: tl.constexpr, 
 
 
 @triton.jit
-def _program(H, S, BLOCK_M: tl.constexpr):
+def program_ids(H, S, BLOCK_M: tl.constexpr):
     """A query-tile program's indices: tile, batch*head, batch, head (int64), its token rows, which are real."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -104,7 +104,7 @@ def _attn_fwd(
     """``TMA``: K and V are tensor descriptors (Hopper's bulk copy engine) over ``[B*H*S, D]`` with
     64 x D boxes; one listed key block is exactly one box, so the copy needs no gather.
     ``PAD``: some key blocks have padding slots. ``FOLD``: the scale is positive and folds into exp2."""
-    pid_m, bh, b, h, offs_m, row_ok = _program(H, S, BLOCK_M)
+    pid_m, bh, b, h, offs_m, row_ok = program_ids(H, S, BLOCK_M)
     offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _rows(Q, b * sq_b + h * sq_h, sq_s, offs_m, offs_d, S, 0, True, False)
@@ -149,7 +149,7 @@ def _attn_bwd_dq(
     """dQ over the kv lists, and ``delta = rowsum(dO * O)`` of the tile for the dK/dV kernel that
     runs next (dO is loaded here anyway). ``TMA``: K and V are tensor descriptors, as in
     :func:`_attn_fwd`. ``LIST_SHIFT`` 1: the lists are a 128-row table's, tile ``i`` reads row ``i // 2``."""
-    pid_m, bh, b, h, offs_m, row_ok = _program(H, S, BLOCK_M)
+    pid_m, bh, b, h, offs_m, row_ok = program_ids(H, S, BLOCK_M)
     offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _rows(Q, b * sq_b + h * sq_h, sq_s, offs_m, offs_d, S, 0, True, False)

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..constants import BLOCK_TOKENS
+from .attention import program_ids
 
 LOG2E = 1.4426950408889634
 E4M3_MAX = 448.0
@@ -137,12 +138,7 @@ def _attn_fwd_fp8(
     """q8, k8: contiguous e4m3 ``[B, H, S, D]``; V: contiguous ``[B, H, S, D]`` in the input dtype, or
     (``FP8_PV``) e4m3 ``[B, H, D, S]``. ``TMA``: K8 and V are tensor descriptors (K8 over
     ``[B*H*S, D]`` with 64 x D boxes; V over ``[B*H*S, D]`` or, transposed, ``[B*H*D, S]`` with D x 64)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < S
+    pid_m, bh, b, h, offs_m, row_ok = program_ids(H, S, BLOCK_M)
     offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
     base = bh * S * HEAD_DIM
