@@ -44,7 +44,7 @@ from nabla_attn.backends.triton import DEFAULT_CONFIG as D0  # noqa: E402
 TK = replace(D0, warp_specialized=False)
 FWD = {
     "triton_q64": (64, TK), "triton_q64_no_tma": (64, replace(TK, tma=False)),
-    "triton_q64_s3": (64, replace(TK, fwd_stages=3)), "gluon_q64": (64, D0),
+    "triton_q64_s3": (64, replace(TK, fwd_stages=3)), "gluon_q64": (64, D0), "gluon_q64_adjacent": (64, D0),
     "triton_q128": (128, TK), "triton_q128_no_tma": (128, replace(TK, tma=False)),
     "triton_q128_w8_s3": (128, replace(TK, fwd_warps=8, fwd_stages=3)),
     "gluon_q128": (128, D0), "gluon_q128_s2": (128, replace(D0, ws_stages=2)),
@@ -53,6 +53,25 @@ BWD = {
     "q64": (64, D0), "q128": (128, D0), "q128_bwd_no_tma": (128, replace(D0, bwd_tma=False)),
     "q128_bwd_s3": (128, replace(D0, dq_stages=3, dkdv_stages=3)), "q128_bwd_w8": (128, replace(D0, dq_warps=8, dkdv_warps=8)),
 }
+
+
+def adjacent_pairs(rows: int, device: torch.device) -> torch.Tensor:
+    """Rows (2i, 2i+1) as the 64-row Gluon forward's pairs (the pairing before v31)."""
+    order = torch.arange(rows, device=device, dtype=torch.int32)
+    if rows % 2:
+        order = torch.cat([order, order.new_full((1,), -1)])
+    return order.view(-1, 2)
+
+
+def adjacent_pairs_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, plan: Any,
+                           scale: float) -> torch.Tensor:
+    """The 64-row Gluon forward with side-by-side tiles as pairs instead of the layout's."""
+    from nabla_attn.kernels import attention_ws
+
+    lay = mask.layout
+    return attention_ws.forward(q, k, v, plan.counts, plan.indices, lay.block_counts(q.device), scale,
+                                padded=lay.padded, stages=D0.ws_stages, kept=mask.kept,
+                                pairs=adjacent_pairs(mask.kept.shape[2], q.device))[0]
 
 
 def kernel_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: dict[int, Any], dense_ms: float,
@@ -65,6 +84,8 @@ def kernel_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: dict[i
     for name in (n for n in names if n in FWD):
         qb, cfg = FWD[name]
         fn: Callable[[], torch.Tensor] = lambda: tri.attention(q, k, v, masks[qb], plans[qb], scale, config=cfg)  # noqa: E731, B023
+        if name == "gluon_q64_adjacent":
+            fn = lambda: adjacent_pairs_forward(q, k, v, masks[qb], plans[qb], scale)  # noqa: E731
         row: dict[str, Any] = {"query_block": qb, "config": asdict(cfg)}
         try:
             with torch.no_grad():
@@ -157,8 +178,15 @@ def lab_shape(sname: str, layout: TokenLayout, heads: int, head_dim: int, dtype:
         from nabla_attn.kernels.attention_ws import union_lists
 
         kept64 = found[64][1].kept
-        # K/V blocks the 64-row Gluon forward loads per pair of rows, against the two lists' sum.
-        srow["q64_union_fraction"] = float(union_lists(kept64)[0].sum() / kept64.sum())
+        # K/V blocks the 64-row Gluon forward loads per pair of rows, against the two lists' sum,
+        # and the longer list of each pair against the mean (a program lasts as long as its longer list).
+        counts64 = kept64.sum(-1)
+        for tag, pairs in (("", layout.table("query_pairs", dev)), ("_adjacent", adjacent_pairs(kept64.shape[2], dev))):
+            srow[f"q64_union_fraction{tag}"] = float(union_lists(kept64, pairs)[0].sum() / kept64.sum())
+            two = counts64[..., pairs.clamp(min=0).long()] * (pairs >= 0)
+            srow[f"q64_longer_over_mean{tag}"] = float(2 * two.max(-1).values.sum() / two.sum())
+            print(f"  q64 pairs{tag or ' (layout)'}: union / lists {srow[f'q64_union_fraction{tag}']:.3f}, "
+                  f"longer / mean {srow[f'q64_longer_over_mean{tag}']:.3f}", flush=True)
     srow.update(kernel_rows(q, k, v, {qb: m for qb, (_, m) in found.items()}, dense, names, args.errors))
     if not args.skip_mask:
         srow["mask"] = mask_lab(q, k, qn, kn, layout, {qb: thr for qb, (thr, _) in found.items()})

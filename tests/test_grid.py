@@ -44,6 +44,26 @@ def test_block_numbering_is_frame_major():
     assert first == 5 * BLOCK_TOKENS
 
 
+@pytest.mark.parametrize("grid,text", [(VideoGrid(3, 13, 22), 7), (VideoGrid(2, 8, 16), 0), (VideoGrid(1, 5, 3), 0),
+                                       (VideoGrid(4, 9, 9), 130)])
+def test_query_pairs_cover_every_block_once(grid, text):
+    """The 64-row forward's pairs: every block in exactly one pair; video pairs are one tile in
+    frames 2i and 2i+1; what is left (an odd frame count's last frame, text blocks) pairs in block
+    order, an odd total ending on a partner -1."""
+    lay = TokenLayout(grid, text)
+    pairs = lay.table("query_pairs")
+    assert pairs.dtype == torch.int32 and pairs.shape == ((lay.num_blocks + 1) // 2, 2)
+    flat = pairs.flatten()
+    assert sorted(flat[flat >= 0].tolist()) == list(range(lay.num_blocks))
+    assert int((flat < 0).sum()) == lay.num_blocks % 2 and (flat[:-1] >= 0).all()
+    per_frame = grid.tile_rows * grid.tile_cols
+    temporal = (grid.frames // 2) * per_frame
+    for a, b in pairs[:temporal].tolist():
+        assert b - a == per_frame and (a // per_frame) % 2 == 0
+    rest = pairs[temporal:].flatten()
+    assert rest[rest >= 0].tolist() == list(range(2 * temporal, lay.num_blocks))
+
+
 def test_tile_rejects_wrong_length():
     lay = TokenLayout(VideoGrid(2, 9, 9))
     with pytest.raises(ValueError, match="162"):

@@ -222,6 +222,12 @@ def test_warp_specialized_rejects_lists_that_are_not_its_tables() -> None:
     counts, indices = torch.zeros(1, 2, 2, dtype=torch.int32), torch.zeros(1, 2, 2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"kv lists of its table \(1, 1, 2, 2\), got counts \(1, 2, 2\)"):
         attention_ws.forward(q, q, q, counts, indices, counts, 0.1, padded=False, kept=kept)
+    kept = torch.ones(1, 2, 2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="needs the pairs"):
+        attention_ws.forward(q, q, q, counts, indices, counts, 0.1, padded=False, kept=kept)
+    with pytest.raises(ValueError, match=r"2-row table must be contiguous int32 \(1, 2\), got torch.int64 \(2, 2\)"):
+        attention_ws.forward(q, q, q, counts, indices, counts, 0.1, padded=False, kept=kept,
+                             pairs=torch.zeros(2, 2, dtype=torch.int64))
 
 
 def test_kernel_config_round_trip() -> None:
@@ -233,9 +239,10 @@ def test_kernel_config_round_trip() -> None:
                                         ((2, 2, 9, 9), "transposed")])
 def test_union_lists_of_row_pairs(shape: tuple[int, int, int, int], view: str | None) -> None:
     """The 64-row Gluon forward's union lists (plain Triton, so the interpreter runs them): for each
-    pair of rows the ascending union of their kept blocks, and each row's own entries located in it,
-    against a Python walk. Odd row counts leave the last pair one row; a size-1 head dimension, a
-    table with non-unit column stride and an empty row are included."""
+    given pair of rows (a random pairing) the ascending union of their kept blocks, and each row's
+    own entries located in it, against a Python walk. Odd row counts leave one pair a single row
+    (partner -1); a size-1 head dimension, a table with non-unit column stride and an empty row are
+    included."""
     from nabla_attn.kernels.attention_ws import union_lists
 
     g = torch.Generator().manual_seed(sum(shape))
@@ -246,13 +253,17 @@ def test_union_lists_of_row_pairs(shape: tuple[int, int, int, int], view: str | 
         kept = kept[:, :1]  # read through stride 0
     elif view == "transposed":
         kept = kept.transpose(-1, -2)  # column stride 9
-    ucnt, uidx, pos = union_lists(kept)
     B, H, nq, _ = kept.shape
+    order = torch.randperm(nq, generator=g)
+    if nq % 2:
+        order = torch.cat([order, torch.tensor([-1])])
+    pairs = order.view(-1, 2).to(torch.int32)
+    ucnt, uidx, pos = union_lists(kept, pairs.to(DEVICE))
     assert ucnt.shape == (B, H, (nq + 1) // 2)
     for b in range(B):
         for h in range(H):
             for i in range((nq + 1) // 2):
-                rows = [r for r in (2 * i, 2 * i + 1) if r < nq]
+                rows = [r for r in pairs[i].tolist() if r >= 0]
                 union = sorted({c for r in rows for c in kept[b, h, r].nonzero().flatten().tolist()})
                 assert int(ucnt[b, h, i]) == len(union)
                 assert uidx[b, h, i, : len(union)].tolist() == union

@@ -215,6 +215,27 @@ def _untile_rows(layout: TokenLayout) -> torch.Tensor:
     return _scatter(layout).to(torch.int32)
 
 
+def _query_pairs(layout: TokenLayout) -> torch.Tensor:
+    """int32 ``[ceil(num_blocks / 2), 2]``: the pairs of 64-token blocks that share one stream of key
+    blocks in the 64-row Gluon forward, each block in exactly one pair, ``-1`` for a missing partner.
+
+    A video block pairs with the same tile in the next frame (frames 2i and 2i+1). Two such blocks
+    see the scene from the same place, so their key lists have the same spatial extent: their
+    lengths differ less and their union is shorter than for side-by-side tiles (docs/kernel-notes.md,
+    v31). Blocks left over (the last frame of an odd frame count, text blocks) pair with their
+    successor in block order.
+    """
+    g = layout.grid
+    per_frame = g.tile_rows * g.tile_cols
+    even = (g.frames // 2) * 2
+    blocks = torch.arange(even * per_frame).view(even // 2, 2, per_frame)
+    temporal = blocks.transpose(1, 2).reshape(-1, 2)
+    rest = torch.arange(even * per_frame, layout.num_blocks)
+    if rest.numel() % 2:
+        rest = torch.cat([rest, torch.tensor([-1])])
+    return torch.cat([temporal, rest.view(-1, 2)]).to(torch.int32)
+
+
 TABLES = {
     "gather": _gather,
     "scatter": _scatter,
@@ -224,6 +245,7 @@ TABLES = {
     "padding": _padding,
     "tile_rows": _tile_rows,
     "untile_rows": _untile_rows,
+    "query_pairs": _query_pairs,
 }
 _ON_DEVICE: DeviceCache[torch.Tensor] = DeviceCache(256)
 

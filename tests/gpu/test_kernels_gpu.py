@@ -83,9 +83,12 @@ def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, i
     kept[0, 1, :, 0] = False  # long lists and a row keeping only its last block
     kept[0, 1, 0, :-1] = False
     kept[0, 1, 0, -1] = True
-    kept[1, 1, 0] = True  # a full row beside a one-block row (one program at 64 rows)
-    kept[1, 1, 1] = False
-    kept[1, 1, 1, 5] = True
+    # A full row beside a one-block row in one program (at 64 rows the layout pairs the same tile of
+    # two frames).
+    p0, p1 = layout.table("query_pairs")[0].tolist() if query_block == 64 else (0, 1)
+    kept[1, 1, p0] = True
+    kept[1, 1, p1] = False
+    kept[1, 1, p1, 5] = True
     mask = BlockSparseMask(kept.cuda(), layout, query_block)
     ws = KernelConfig(warp_specialized=True, ws_stages=stages)
     assert warp_specialized(q, query_block, scale, ws)

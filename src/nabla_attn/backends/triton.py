@@ -108,8 +108,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Te
     if warp_specialized(q, query_block, scale, cfg):
         from ..kernels import attention_ws
 
-        return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages,
-                                    kept=kept if query_block == 64 else None)
+        if query_block == 64:
+            return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded,
+                                        stages=cfg.ws_stages, kept=kept, pairs=lay.table("query_pairs", q.device))
+        return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages)
     return kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
                           tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
 

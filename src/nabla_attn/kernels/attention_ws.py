@@ -24,6 +24,9 @@ consumer its own list and ring runs no faster than the Triton kernel, kernel-not
 producer streams the *union* of the two lists, one block per slot, each K/V block once, and each
 consumer computes only the blocks its own list holds (:func:`_consumer_union`); neighbouring query
 blocks of a video keep mostly the same key blocks, so the union is far shorter than the two lists.
+Which two blocks share a program is the caller's choice (``pairs``; the backend pairs the same tile
+of consecutive frames, whose lists are closest in length, since a program lasts as long as its
+longer list).
  Registers are rebalanced per partition (``setmaxnreg``):
 240 per consumer thread, 24 for the producer.
 
@@ -204,7 +207,7 @@ def _pass_slots(k_ready, kv_empty, start, stop, NUM_STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, tile_row, S, qk_scale,
+                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
                     HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
     """One consumer of a 64-row table: its own list ``IDX`` (``cnt`` blocks) whose entries sit at
     union positions ``POS`` (ascending). Union slots hold one block each; the consumer visits every
@@ -229,10 +232,12 @@ def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q
         IDX_row = IDX0
         POS_row = POS0
         cnt = cnt0
+        first = first0
     else:
         IDX_row = IDX1
         POS_row = POS1
         cnt = cnt1
+        first = first1
     m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
     l_i = gl.zeros([ROWS], gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
@@ -292,18 +297,19 @@ def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q
         mbarrier.arrive(kv_empty.index(sa), count=1)
         rest = a + 1
     _pass_slots(k_ready, kv_empty, rest, ucnt, NUM_STAGES)
-    _epilogue(acc, m_i, l_i, O, LSE, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout, o_layout, dtype)
+    _epilogue(acc, m_i, l_i, O, LSE, row0, first, S, HEAD_DIM, s_layout, o_layout, dtype)
 
 
 @gluon.jit
 def _producer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, tile_row, S, qk_scale,
+                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
                     HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
-    """Q, then each block of the union list ``UIDX`` once, K and V into one slot; a slot is refilled
-    once both consumers released it."""
+    """Q of both blocks, then each block of the union list ``UIDX`` once, K and V into one slot; a
+    slot is refilled once both consumers released it. (A missing second block has ``first1 = S``:
+    its Q rows are the next head's or past the tensor, zero-filled, and never stored.)"""
     mbarrier.expect(q_bar, 2 * Q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row, 0], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(Q_desc, [row0 + tile_row + ROWS, 0], q_bar, q_smem.index(1))
+    tma.async_copy_global_to_shared(Q_desc, [row0 + first0, 0], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(Q_desc, [row0 + first1, 0], q_bar, q_smem.index(1))
     nbytes: gl.constexpr = K_desc.block_type.nbytes
     for u in range(ucnt):
         st = u % NUM_STAGES
@@ -386,28 +392,31 @@ def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, 
 
 
 @gluon.jit
-def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, BCNT,
-                    c_b, c_h, i_b, i_h, i_r, u_b, u_h, ui_b, ui_h, ui_r, H, S, NQ, qk_scale,
+def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, BCNT, PAIRS,
+                    c_b, c_h, i_b, i_h, i_r, u_b, u_h, ui_b, ui_h, ui_r, H, S, qk_scale,
                     HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
-    """One program per (pair of 64-row query blocks, batch*head) of a 64-row table: ``CNT``/``IDX``
-    the table's kv lists (``NQ`` rows per head), ``UCNT``/``UIDX`` the union list of each pair,
-    ``POS`` (strides of ``IDX``) each own entry's position in its pair's union list
-    (:func:`union_lists`)."""
+    """One program per (pair of 64-row query blocks, batch*head) of a 64-row table: ``PAIRS`` the
+    two rows of each pair (``-1``: no second row), ``CNT``/``IDX`` the table's kv lists,
+    ``UCNT``/``UIDX`` the union list of each pair, ``POS`` (strides of ``IDX``) each own entry's
+    position in its pair's union list (:func:`union_lists`)."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     b = (bh // H).to(gl.int64)
     h = (bh % H).to(gl.int64)
-    r0 = 2 * pid_m
-    # An odd number of query blocks leaves the last program's second consumer nothing.
-    r1 = gl.minimum(r0 + 1, NQ - 1)
+    r0 = gl.load(PAIRS + 2 * pid_m)
+    r1 = gl.load(PAIRS + 2 * pid_m + 1)
+    has1 = r1 >= 0
+    r1 = gl.where(has1, r1, r0)
     cnt0 = gl.load(CNT + b * c_b + h * c_h + r0)
-    cnt1 = gl.where(r0 + 1 < NQ, gl.load(CNT + b * c_b + h * c_h + r1), 0)
+    cnt1 = gl.where(has1, gl.load(CNT + b * c_b + h * c_h + r1), 0)
     ucnt = gl.load(UCNT + b * u_b + h * u_h + pid_m)
     UIDX_row = UIDX + b * ui_b + h * ui_h + pid_m * ui_r
     off0 = b * i_b + h * i_h + r0 * i_r
     off1 = b * i_b + h * i_h + r1 * i_r
     row0 = bh * S
-    tile_row = pid_m * (2 * ROWS)
+    first0 = r0 * ROWS
+    # S: the epilogue stores no rows there (and the producer's copy of them is never read).
+    first1 = gl.where(has1, r1 * ROWS, S)
 
     q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
     k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, ROWS, HEAD_DIM], K_desc.layout)
@@ -426,32 +435,35 @@ def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, B
     gl.warp_specialize([
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
                            O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
                            O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD)),
+                           row0, first0, first1, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD)),
         (_producer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
                            O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
     ], [4, 1], [240, 24])
 
 
 @triton.jit
-def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, k_c, u_b, u_h, ui_b, ui_h, ui_r, p_b, p_h, p_r, H, NQ,
-                        NK, BLOCK: tl.constexpr):
-    """One program per pair of table rows (2i, 2i+1): the union of their kept blocks as an ascending
-    list, and for each row's own list the position of each entry in that union."""
+def _union_lists_kernel(KEPT, PAIRS, UCNT, UIDX, POS, k_b, k_h, k_r, k_c, u_b, u_h, ui_b, ui_h, ui_r, p_b, p_h, p_r,
+                        H, NK, BLOCK: tl.constexpr):
+    """One program per pair of table rows (``PAIRS``; a second row ``-1`` is empty): the union of
+    their kept blocks as an ascending list, and for each row's own list the position of each entry
+    in that union."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inb = cols < NK
-    r0 = 2 * pid
-    r1 = r0 + 1
+    r0 = tl.load(PAIRS + 2 * pid)
+    r1 = tl.load(PAIRS + 2 * pid + 1)
+    has1 = r1 >= 0
+    r1 = tl.where(has1, r1, r0)
     base = KEPT + b * k_b + h * k_h
     a0 = tl.load(base + r0 * k_r + cols * k_c, mask=inb, other=0).to(tl.int32)
-    a1 = tl.load(base + r1 * k_r + cols * k_c, mask=inb & (r1 < NQ), other=0).to(tl.int32)
+    a1 = tl.load(base + r1 * k_r + cols * k_c, mask=inb & has1, other=0).to(tl.int32)
     un = a0 | a1
     rank = tl.cumsum(un, 0) - 1
     tl.store(UCNT + b * u_b + h * u_h + pid, tl.sum(un, 0))
@@ -461,23 +473,34 @@ def _union_lists_kernel(KEPT, UCNT, UIDX, POS, k_b, k_h, k_r, k_c, u_b, u_h, ui_
     tl.store(pos + r1 * p_r + tl.cumsum(a1, 0) - 1, rank, mask=a1 > 0)
 
 
-def union_lists(kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For a 64-row bool table ``[B|1, H|1, Qb, Kb]`` (any strides): union counts ``[B|1, H|1, ceil(Qb/2)]`` and
-    ascending union lists ``[.., ceil(Qb/2), Kb]`` of each pair of rows, and ``[B|1, H|1, Qb, Kb]``
-    positions of each row's kept blocks (in list order) within its pair's union; int32, entries past
-    the counts unwritten."""
+def check_pairs(pairs: torch.Tensor, rows: int) -> None:
+    """``pairs`` must be a contiguous int32 ``[ceil(rows / 2), 2]`` on the table's device (its values
+    come from the layout: :meth:`nabla_attn.TokenLayout.table` ``"query_pairs"``)."""
+    want = (-(-rows // 2), 2)
+    if tuple(pairs.shape) != want or pairs.dtype != torch.int32 or not pairs.is_contiguous():
+        raise ValueError(f"query pairs for a {rows}-row table must be contiguous int32 {want}, got "
+                         f"{pairs.dtype} {tuple(pairs.shape)} (strides {pairs.stride()})")
+
+
+def union_lists(kept: torch.Tensor, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a 64-row bool table ``[B|1, H|1, Qb, Kb]`` (any strides) and ``pairs`` of its rows
+    (int32 ``[ceil(Qb/2), 2]``, every row in one pair, ``-1`` for a missing partner): union counts
+    ``[B|1, H|1, ceil(Qb/2)]`` and ascending union lists ``[.., ceil(Qb/2), Kb]`` of each pair, and
+    ``[B|1, H|1, Qb, Kb]`` positions of each row's kept blocks (in list order) within its pair's
+    union; int32, entries past the counts unwritten."""
     from .attention import bh_strides
 
     t = kept.view(torch.uint8)
     B, H, nq, nk = t.shape
-    npair = -(-nq // 2)
+    check_pairs(pairs, nq)
+    npair = pairs.shape[0]
     ucnt = torch.empty(B, H, npair, dtype=torch.int32, device=kept.device)
     uidx = torch.empty(B, H, npair, nk, dtype=torch.int32, device=kept.device)
     pos = torch.empty(B, H, nq, nk, dtype=torch.int32, device=kept.device)
     block = triton.next_power_of_2(nk)
     _union_lists_kernel[(npair, B * H)](
-        t, ucnt, uidx, pos, *bh_strides(t), t.stride(2), t.stride(3), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
-        *bh_strides(pos), pos.stride(2), H, nq, nk, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        t, pairs, ucnt, uidx, pos, *bh_strides(t), t.stride(2), t.stride(3), *bh_strides(ucnt), *bh_strides(uidx),
+        uidx.stride(2), *bh_strides(pos), pos.stride(2), H, nk, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return ucnt, uidx, pos
 
@@ -498,11 +521,11 @@ def smem_bytes(stages: int, head_dim: int, element_size: int) -> int:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
             block_counts: torch.Tensor, scale: float, *, padded: bool, stages: int = 3,
-            kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            kept: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp of contiguous tiled fp16/bf16 q, k, v ``[B, H, S, D]`` (D 64 or
     128) under a table's kv lists; ``scale`` must be positive (it folds into exp2). A 128-row table
     passes its lists alone; a 64-row table also passes its bool table ``kept`` (the union lists are
-    built from it). ``stages`` counts 128-key slots (a 64-row table's ring has twice as many
+    built from it) and the ``pairs`` of rows one program holds (:func:`union_lists`). ``stages`` counts 128-key slots (a 64-row table's ring has twice as many
     one-block slots in the same shared memory)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -524,17 +547,20 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
         if tuple(indices.shape) != want or tuple(counts.shape) != want[:3] or not indices.is_contiguous():
             raise ValueError(f"the 64-row forward needs contiguous kv lists of its table {want}, got counts "
                              f"{tuple(counts.shape)} and indices {tuple(indices.shape)} (strides {indices.stride()})")
+        if pairs is None:
+            raise ValueError("the 64-row forward needs the pairs of query rows its programs hold (pairs=)")
+        check_pairs(pairs, kept.shape[2])
     o = torch.empty_like(q)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     layout = gl.NVMMASharedLayout.get_default_for(
         [BLOCK_TOKENS, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
     qd, kd, vd = (TensorDescriptor.from_tensor(x.view(B * H * S, D), [BLOCK_TOKENS, D], layout) for x in (q, k, v))
     if kept is not None:
-        ucnt, uidx, pos = union_lists(kept)
-        _attn_fwd_union[(-(-S // 128), B * H)](
-            qd, kd, vd, o, lse, counts, indices, ucnt, uidx, pos, block_counts, *bh_strides(counts),
+        ucnt, uidx, pos = union_lists(kept, pairs)
+        _attn_fwd_union[(pairs.shape[0], B * H)](
+            qd, kd, vd, o, lse, counts, indices, ucnt, uidx, pos, block_counts, pairs, *bh_strides(counts),
             *bh_strides(indices), indices.stride(2), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
-            H, S, counts.shape[2], scale * LOG2E, HEAD_DIM=D, NUM_STAGES=2 * stages, PAD=padded,
+            H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=2 * stages, PAD=padded,
             num_warps=4, maxnreg=168,
         )  # fmt: skip
         return o, lse
