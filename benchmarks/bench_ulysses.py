@@ -8,10 +8,7 @@ norms, the cross-attention and the FFN run on the local shard; self-attention go
 * ``dense``: cuDNN SDPA (1 GPU), and dense Ulysses (the same all-to-alls around cuDNN SDPA).
 * ``nabla`` (1 GPU): ``nabla_attention`` on the natural-order q, k, v (tiling, mask, kernel and
   untiling in one call, as a user meets it; its time is the phase ``attention``).
-* ``nabla_plain_c{n}`` / ``nabla_balanced`` (W > 1): contiguous head split vs kept-block
-  balancing. The plain split runs once per ``--head-chunks`` value ``n`` (the all-to-alls pipelined
-  over ``n`` chunks of each rank's heads; 1 = one synchronous all-to-all each way), the balanced
-  one with the largest value.
+* ``nabla_plain`` / ``nabla_balanced`` (W > 1): contiguous head split vs kept-block balancing.
 
 Random weights give near-uniform block maps, so every head would keep the same ~threshold share of
 blocks and balancing would have nothing to do. To emulate a trained model's spread of per-head
@@ -24,7 +21,6 @@ world's time is the slowest rank's, reported as the median over iterations. Phas
 attention (mask, all-to-all, attention) come from ``PhaseTimer`` CUDA events (means per rank).
 
     python benchmarks/bench_ulysses.py --gpus 1,2 --out results.json          # GPUs (NCCL)
-    python benchmarks/bench_ulysses.py --gpus 1,2 --head-chunks 1,2,4,8        # chunk sweep
     python benchmarks/bench_ulysses.py --device cpu --tiny --gpus 1,2          # CPU dry run (gloo)
     python benchmarks/bench_ulysses.py --smoke                                  # the same, reference backend
     python benchmarks/bench_ulysses.py --markdown results.json                  # table for the docs
@@ -58,11 +54,9 @@ from nabla_attn.distributed import (  # noqa: E402
     all_to_all_rows,
     balance_heads,
     contiguous_heads,
-    even_head_counts,
     rank_loads,
     ulysses_nabla_attention,
 )
-from nabla_attn.distributed.partition import chunk_count  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,8 +77,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--variants", default="dense,nabla", help="dense and/or nabla")
-    p.add_argument("--head-chunks", default="1,4",
-                   help="comma-separated head_chunks values for the plain Ulysses NABLA variant (the balanced one uses the largest)")
     p.add_argument("--timeout", type=float, default=200.0, help="collective timeout, seconds")
     p.add_argument("--out", default=None, help="JSON results path (written after every variant)")
     p.add_argument("--smoke", action="store_true", help="CPU dry run: --device cpu --tiny --gpus 1,2, reference backend")
@@ -94,9 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tiny:
         args.grid, args.heads, args.head_dim, args.ffn, args.text = "2x16x24", 5, 32, 256, 16
     args.worlds = sorted({int(x) for x in args.gpus.split(",")})
-    args.chunks = sorted({int(x) for x in args.head_chunks.split(",")})
-    if not args.chunks or args.chunks[0] < 1:
-        p.error(f"--head-chunks must be integers >= 1, got {args.head_chunks!r}")
     args.grid_t = VideoGrid(*(int(x) for x in args.grid.split("x")))
     return args
 
@@ -121,7 +110,6 @@ class Attn:
         self.group: Any = None
         self.world = 1
         self.balance = True
-        self.head_chunks = 1
         self.timer: PhaseTimer | None = None
         self.capture: dict[str, torch.Tensor] | None = None
         self.last_info: Any = None
@@ -157,7 +145,6 @@ class Attn:
             out, self.last_info = ulysses_nabla_attention(
                 q, k, v, cfg["layout"].grid, cfg["threshold"], group=self.group, balance=self.balance,
                 backend=cfg["backend"], query_block=cfg["query_block"], return_info=True, timer=timer,
-                head_chunks=self.head_chunks,
             )  # fmt: skip
         else:
             raise ValueError(mode)
@@ -246,8 +233,7 @@ def calibrate(q: torch.Tensor, k: torch.Tensor, lay: TokenLayout, density: float
 
 
 def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, rank: int) -> bool:
-    """Compile the sparse attention for the Ulysses head counts (whole runs and head chunks) while
-    rank 0 times the 1-GPU block.
+    """Compile the sparse attention for the Ulysses head counts while rank 0 times the 1-GPU block.
 
     Compiled kernels are cached per process and, for inductor, on disk, so the later Ulysses runs
     skip most of the compile time. Any failure here is only reported: the real run will show it.
@@ -259,18 +245,13 @@ def warm_compile(args: argparse.Namespace, cfg: dict[str, Any], device: torch.de
         for w in args.worlds:
             if w == 1 or rank >= w:
                 continue
-            h_r = len(contiguous_heads(args.heads, w)[rank])
-            counts = {h_r}
-            for n in args.chunks:  # the chunk sizes ulysses_nabla_attention cuts this run into
-                g = chunk_count(n, args.heads, w)
-                counts |= set(even_head_counts(h_r, g))
-            for h in sorted(counts - {0}):
-                x = torch.randn(1, h, lay.tiled_len, args.head_dim, device=device, dtype=dtype)
-                qb = cfg["query_block"]
-                nq = -(-lay.num_blocks // (qb // 64))
-                kept = torch.rand(1, h, nq, lay.num_blocks, device=device) < args.density
-                nabla_attention(x, x, x, lay.grid, mask=BlockSparseMask(kept, lay, qb), backend=cfg["backend"],
-                                token_order="tiled")  # fmt: skip
+            h = len(contiguous_heads(args.heads, w)[rank])
+            x = torch.randn(1, h, lay.tiled_len, args.head_dim, device=device, dtype=dtype)
+            qb = cfg["query_block"]
+            nq = -(-lay.num_blocks // (qb // 64))
+            kept = torch.rand(1, h, nq, lay.num_blocks, device=device) < args.density
+            nabla_attention(x, x, x, lay.grid, mask=BlockSparseMask(kept, lay, qb), backend=cfg["backend"],
+                            token_order="tiled")  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
         return True
@@ -326,7 +307,7 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
         cards=[torch.cuda.get_device_name(i) for i in range(nprocs)] if device.type == "cuda" else ["cpu"] * nprocs,
         torch=torch.__version__, grid=args.grid, heads=args.heads, head_dim=args.head_dim, ffn=args.ffn,
         text_tokens=args.text, backend=args.backend, query_block=args.query_block, spread=args.spread,
-        target_density=args.density, iters=args.iters, head_chunks=args.chunks, runs={}, errors={},
+        target_density=args.density, iters=args.iters, runs={}, errors={},
     )  # fmt: skip
     groups = {w: (dist.new_group(list(range(w))) if w > 1 else None) for w in args.worlds}
     block, hidden, text, temb, cos, sin, head_scale = build(args, device, dtype)
@@ -465,11 +446,9 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
                 record(f"{w}gpu_dense", go_dense)
             if "nabla" in variants:
                 proc.mode = "nabla_ulysses"
-                # The plain split once per head_chunks value, then balancing with the largest.
-                runs = [(False, n, f"{w}gpu_nabla_plain_c{n}") for n in args.chunks]
-                runs.append((True, args.chunks[-1], f"{w}gpu_nabla_balanced"))
-                for bal, chunks, name in runs:
-                    proc.balance, proc.head_chunks = bal, chunks
+                for bal in (False, True):
+                    proc.balance = bal
+                    name = f"{w}gpu_nabla_{'balanced' if bal else 'plain'}"
 
                     def go() -> dict[str, Any]:
                         keep: dict[str, torch.Tensor] = {}
@@ -484,8 +463,7 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
                         loads = [int(x) for x in per_rank.tolist()]
                         r.update(assignment=info.assignment, rank_kept_blocks=loads,
                                  busiest_over_mean=max(loads) * w / max(1, sum(loads)),
-                                 mask_mismatch_vs_1gpu=diff, head_chunks=proc.head_chunks,
-                                 head_chunks_used=info.head_chunks)  # fmt: skip
+                                 mask_mismatch_vs_1gpu=diff)  # fmt: skip
                         return r
 
                     record(name, go)
@@ -519,20 +497,12 @@ def worker(rank: int, nprocs: int, args: argparse.Namespace, store: str) -> None
     dist.destroy_process_group()
 
 
-def chunks_label(r: dict[str, Any]) -> str:
-    """Head chunks of a Ulysses NABLA run: ``requested`` or ``requested->used`` when capped; ``-`` otherwise."""
-    asked, used = r.get("head_chunks"), r.get("head_chunks_used")
-    if asked is None:
-        return "-"
-    return str(asked) if used in (None, asked) else f"{asked}->{used}"
-
-
 def print_table(results: dict[str, Any]) -> None:
     print(f"\n{results['card']}  grid {results['grid']}  heads {results['heads']}  backend {results['backend']}  "
           f"threshold {results.get('threshold', float('nan')):.4f}  mean density {results.get('mean_density', float('nan')):.4f}")  # fmt: skip
-    print(f"{'variant':<24}{'chunks':>7}{'ms/block':>10}{'x 1GPU same':>13}{'x 1GPU dense':>14}{'attn share':>12}{'a2a share':>11}")
+    print(f"{'variant':<24}{'ms/block':>10}{'x 1GPU same':>13}{'x 1GPU dense':>14}{'attn share':>12}{'a2a share':>11}")
     for name, r in results["runs"].items():
-        print(f"{name:<24}{chunks_label(r):>7}{r['block_ms']:>10.1f}{r.get('speedup_vs_1gpu_same_attention', float('nan')):>13.2f}"
+        print(f"{name:<24}{r['block_ms']:>10.1f}{r.get('speedup_vs_1gpu_same_attention', float('nan')):>13.2f}"
               f"{r.get('speedup_vs_1gpu_dense', float('nan')):>14.2f}{r.get('attention_share', float('nan')):>12.2f}"
               f"{r.get('all_to_all_share', float('nan')):>11.2f}")  # fmt: skip
     for name, err in results["errors"].items():
@@ -548,8 +518,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"threshold {results.get('threshold', float('nan')):.4f} -> mean kept density {results.get('mean_density', float('nan')):.3f} "
         f"(per head {min(results.get('head_density', [0])):.3f}-{max(results.get('head_density', [0])):.3f}, q scale spread {results['spread']}).",
         "",
-        "| variant | head chunks | ms / block | speedup vs 1 GPU (same attention) | vs 1 GPU dense cuDNN | attention share | all-to-all share | kept blocks per rank | rel. err vs 1 GPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | ms / block | speedup vs 1 GPU (same attention) | vs 1 GPU dense cuDNN | attention share | all-to-all share | kept blocks per rank | rel. err vs 1 GPU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["runs"].items():
         def f(key: str, fmt: str = "{:.2f}") -> str:
@@ -558,7 +528,7 @@ def markdown(results: dict[str, Any]) -> str:
 
         kept = r.get("rank_kept_blocks")
         lines.append(
-            f"| {name} | {chunks_label(r)} | {r['block_ms']:.1f} | {f('speedup_vs_1gpu_same_attention')} | {f('speedup_vs_1gpu_dense')} | "
+            f"| {name} | {r['block_ms']:.1f} | {f('speedup_vs_1gpu_same_attention')} | {f('speedup_vs_1gpu_dense')} | "
             f"{f('attention_share')} | {f('all_to_all_share')} | {kept if kept else '-'} | {f('block_rel_err_vs_1gpu', '{:.1e}')} |"
         )
     for name, err in results.get("errors", {}).items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import traceback
 from pathlib import Path
 from typing import Any
@@ -34,22 +33,17 @@ from nabla_attn.distributed import (
 
 DEADLINE_S = 100.0
 
-# Each case: grid, text, heads, batch, head dims, NABLA parameters, sharding options, and
-# head_chunks (4 when missing: the all-to-alls are pipelined over min(4, fewest heads on a rank)
-# chunks, so at world 1 and 2 most cases run the chunked path; "perm": the balanced assignment must
-# move heads at world 2).
+# Each case: grid, text, heads, batch, head dims, NABLA parameters, sharding options.
 CASES: dict[str, dict[str, Any]] = {
-    # Odd grid (edge tiles on both axes), text at the end, balancing on (heads move), uneven
-    # sequence split; 2 chunks of 1 head per rank at world 2.
+    # Odd grid (edge tiles on both axes), text at the end, balancing on, uneven sequence split.
     "odd_text_end_balanced": dict(grid=(3, 13, 22), text=7, pos="end", H=4, B=1, D=16, Dv=16, threshold=0.5,
-                                  sta=None, qb=64, balance=True, split=None, pad=False, mask=False, gain=0.0,
-                                  perm=True),
+                                  sta=None, qb=64, balance=True, split=None, pad=False, mask=False, gain=0.0),
     # Text at the start, STA window unioned, 128-token query blocks, 5 heads (no divisor of 2 or 3),
     # q, k, v as [B, S, H, D] memory seen through a transpose (what diffusers processors hold).
     "odd_text_start_sta_qb128": dict(grid=(3, 13, 22), text=5, pos="start", H=5, B=1, D=16, Dv=16, threshold=0.6,
                                      sta=(1, 3, 3), qb=128, balance=False, split=None, pad=False, mask=False,
                                      strided=True),
-    # Batch 2, balancing, torch.chunk split with every shard padded to the longest (2 chunks at world 2).
+    # Batch 2, balancing, torch.chunk split with every shard padded to the longest.
     "chunk_split_padded_batch2": dict(grid=(2, 9, 17), text=3, pos="end", H=5, B=2, D=16, Dv=16, threshold=0.4,
                                       sta=None, qb=64, balance=True, split="chunk", pad=True, mask=False, gain=0.0),
     # v with a different head_dim (separate all-to-all for v), balanced.
@@ -68,18 +62,6 @@ CASES: dict[str, dict[str, Any]] = {
     # A precomputed global mask (balancing from its per-head counts).
     "given_mask": dict(grid=(2, 9, 17), text=0, pos="end", H=4, B=1, D=16, Dv=16, threshold=0.3,
                        sta=None, qb=64, balance=True, split=None, pad=False, mask=True),
-    # One chunk: one synchronous all-to-all each way (the unpipelined path).
-    "plain_unchunked": dict(grid=(2, 8, 16), text=4, pos="end", H=4, B=1, D=16, Dv=16, threshold=0.5,
-                            sta=None, qb=64, balance=False, split=None, pad=False, mask=False, head_chunks=1),
-    # Uneven chunk pieces: 3 chunks of 2, 2, 1 heads at world 1; at world 2 ranks hold 3 and 2 heads,
-    # cut into pieces of 2 + 1 and 1 + 1. Per-chunk tables built after the all-to-all, text at the start.
-    "five_heads_three_chunks": dict(grid=(2, 8, 16), text=3, pos="start", H=5, B=1, D=16, Dv=16, threshold=0.5,
-                                    sta=None, qb=64, balance=False, split=None, pad=False, mask=False,
-                                    head_chunks=3),
-    # Six heads: 2 chunks per rank at world 3 too, balanced with padded torch.chunk shards.
-    "six_heads_balanced_chunks": dict(grid=(2, 8, 16), text=0, pos="end", H=6, B=1, D=16, Dv=8, threshold=0.4,
-                                      sta=None, qb=64, balance=True, split="chunk", pad=True, mask=False,
-                                      gain=0.0, head_chunks=2),
 }
 
 
@@ -142,14 +124,14 @@ def _worker(rank: int, world: int, store: str, outdir: str) -> None:
                 q, k, v, grid, case["threshold"], case["sta"], case["text"], case["pos"],
                 balance=case["balance"], backend="reference", query_block=case["qb"], mask=mask,
                 shard_sizes=sizes if case["split"] else None, return_info=True,
-                balance_min_gain=case.get("gain", 0.1), head_chunks=case.get("head_chunks", 4),
+                balance_min_gain=case.get("gain", 0.1),
             )  # fmt: skip
             assert isinstance(info, UlyssesInfo)
             (out * local["go"]).sum().backward()
             torch.save(
                 dict(out=out.detach().clone(), dq=q.grad, dk=k.grad, dv=v.grad, assignment=info.assignment,
                      head_costs=info.head_costs, local_heads=info.local_heads, kept=info.mask.kept.clone(),
-                     sizes=info.shard_sizes, chunks=info.head_chunks),
+                     sizes=info.shard_sizes),
                 os.path.join(outdir, f"{name}.{rank}.pt"),
             )  # fmt: skip
         if world > 1:
@@ -192,7 +174,7 @@ def _diffusers_case(rank: int, world: int, outdir: str) -> None:
     # diffusers' processors hold [B, S_local, H, D]
     q, k, v = (t[x][:, :, o : o + n].transpose(1, 2).contiguous() for x in "qkv")
     out = diffusers_nabla_attention(q, k, v, VideoGrid(*case["grid"]), cp, case["threshold"], case["sta"],
-                                    case["text"], case["pos"], backend="reference", head_chunks=2)  # fmt: skip
+                                    case["text"], case["pos"], backend="reference")  # fmt: skip
     torch.save(out, os.path.join(outdir, f"diffusers.{rank}.pt"))
 
 
@@ -235,10 +217,6 @@ def test_matches_single_process(world_results: tuple[int, Path], name: str) -> N
         assert got["assignment"] == torch.load(outdir / f"{name}.0.pt")["assignment"], "ranks disagree on heads"
     assert sorted(seen) == list(range(H))
     got0 = torch.load(outdir / f"{name}.0.pt")
-    # Chunks used: head_chunks capped by the fewest heads on a rank.
-    assert got0["chunks"] == max(1, min(case.get("head_chunks", 4), min(even_head_counts(H, world))))
-    if case.get("perm") and world == 2:
-        assert got0["assignment"] != contiguous_heads(H, world), "the case should move heads"
     if case["balance"] and got0["head_costs"] is not None:
         costs = got0["head_costs"]
         ref_costs = mask_ref.kept.expand(case["B"], H, -1, -1).sum(dim=(0, 2, 3)).tolist()
@@ -312,23 +290,6 @@ def test_balance_heads_lpt_keeps_counts_and_beats_contiguous() -> None:
     assert [len(a) for a in balance_heads([1, 2, 3, 4, 5], 3)] == [2, 2, 1]
     with pytest.raises(ValueError, match="capacities"):
         balance_heads([1, 2], 2, capacities=[2, 1])
-
-
-def test_head_chunks_cut_every_run_alike() -> None:
-    from nabla_attn.distributed.partition import chunk_count, head_pieces
-
-    assert chunk_count(4, 40, 2) == 4 and chunk_count(4, 5, 2) == 2 and chunk_count(3, 5, 1) == 3
-    assert chunk_count(4, 2, 3) == 1  # a rank without heads: one chunk
-    assert head_pieces([0, 1, 2, 3, 4], 3) == [[0, 1], [2, 3], [4]]
-    assert head_pieces([1, 4, 6], 2) == [[1, 4], [6]]  # balanced lists are cut the same way
-
-
-@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "4"])
-def test_bad_head_chunks_names_the_value(bad: object) -> None:
-    # Checked before the process group is even looked at (so before any collective).
-    q = torch.randn(1, 2, 64, 16)
-    with pytest.raises(ValueError, match=re.escape(f"head_chunks must be an integer >= 1, got {bad!r}")):
-        ulysses_nabla_attention(q, q, q, VideoGrid(1, 8, 8), head_chunks=bad)  # type: ignore[arg-type]
 
 
 def test_needs_initialised_process_group() -> None:

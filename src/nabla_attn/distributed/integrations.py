@@ -71,9 +71,7 @@ def diffusers_nabla_attention(
     """NABLA on diffusers-layout ``[B, S_local, H, D]`` tensors, sequence-parallel when the config says so.
 
     Without context parallelism this is :func:`nabla_attn.nabla_attention` on the full sequence.
-    Extra keyword arguments go to :func:`ulysses_nabla_attention` (``balance``, ``backend``,
-    ``head_chunks``, ...); without context parallelism only ``backend``, ``query_block``, ``scale``
-    and ``mask`` apply.
+    Extra keyword arguments go to :func:`ulysses_nabla_attention` (``balance``, ``backend``, ...).
     """
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     group = diffusers_ulysses_group(parallel_config)

@@ -11,15 +11,10 @@ Without balancing the lists are contiguous runs of as-equal-as-possible length; 
 list lengths stay the same (so every rank keeps the same tensor shapes, buffers and compiled
 kernels from call to call) and only which heads go where changes, chosen by greedy
 longest-processing-time on each head's kept-block count.
-
-Head chunks: to pipeline its all-to-alls, the Ulysses op cuts every rank's head list into the same
-number of contiguous pieces (:func:`chunk_count`, :func:`head_pieces`); chunk ``g`` moves piece ``g``
-of every rank's list.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Literal, Sequence
 
 SplitMode = Literal["tensor_split", "chunk"]
@@ -93,30 +88,6 @@ def balance_heads(costs: Sequence[float], world_size: int, capacities: Sequence[
         load[best] += float(costs[h])
         room[best] -= 1
     return [sorted(a) for a in assigned]
-
-
-def check_head_chunks(head_chunks: object) -> int:
-    """``head_chunks`` as an int >= 1 (numpy integers included), else a ValueError naming the value."""
-    if isinstance(head_chunks, bool) or not isinstance(head_chunks, numbers.Integral) or head_chunks < 1:
-        raise ValueError(f"head_chunks must be an integer >= 1, got {head_chunks!r}")
-    return int(head_chunks)
-
-
-def chunk_count(head_chunks: int, num_heads: int, world_size: int) -> int:
-    """Head chunks actually used: ``head_chunks`` capped by the fewest heads a rank holds
-    (:func:`even_head_counts`; balancing keeps those counts), at least 1. It depends only on
-    arguments equal on every rank, so every rank cuts its heads into the same number of chunks."""
-    return max(1, min(check_head_chunks(head_chunks), min(even_head_counts(num_heads, world_size))))
-
-
-def head_pieces(heads: Sequence[int], chunks: int) -> list[list[int]]:
-    """``heads`` cut into ``chunks`` contiguous pieces as even as possible (the first
-    ``len(heads) % chunks`` one longer): ``head_pieces([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]``."""
-    out, start = [], 0
-    for n in even_head_counts(len(heads), chunks):
-        out.append(list(heads[start : start + n]))
-        start += n
-    return out
 
 
 def rank_loads(assignment: Sequence[Sequence[int]], costs: Sequence[float]) -> list[float]:

@@ -8,29 +8,17 @@ Each rank of a ``torch.distributed`` group holds a contiguous shard of the natur
    side) and one all-reduce adds them up, so every rank holds every head's block means of the full
    sequence. This moves ``2 * B * H * blocks * D`` floats, about 43 MB for Wan 14B at 720p.
 2. *Masks and head assignment.* Without balancing (``balance=False``) steps 1 and 2 are skipped:
-   each rank builds the tables of its own contiguous run of heads after step 3 (chunk by chunk when
-   pipelined, below), from the tiled q, k it received (:func:`nabla_attn.nabla_mask_tiled`, the single-GPU builder), so its mask costs
+   each rank builds the tables of its own contiguous run of heads after step 3, from the tiled q, k
+   it received (:func:`nabla_attn.nabla_mask_tiled`, the single-GPU builder), so its mask costs
    what one process's does for that many heads. With balancing each rank builds the tables of one
    run from the means (:func:`nabla_attn.mask_from_means`), the tables are
    all-gathered (bool, ``H * Qb * Kb`` bytes), every rank counts each head's kept blocks and runs the
    same greedy longest-processing-time assignment (fixed head count per rank), so all ranks agree.
-3. *All-to-all in.* q, k, v travel in one autograd node (one ``all_to_all_single`` each): each rank
-   receives the full sequence for its heads and lands it in the tiled layout with one gather.
+3. *All-to-all in.* q, k, v travel in one all-to-all (one when v's head_dim differs from q's: two):
+   each rank receives the full sequence for its heads, lands it directly in the tiled layout.
 4. *Attention.* The core :func:`~nabla_attn.nabla_attention` with the precomputed mask,
    ``token_order="tiled"``.
 5. *All-to-all out.* The outputs go back to sequence shards in the original head order.
-
-*Pipelining (``head_chunks``).* Steps 3-5 run per chunk of heads: every rank's head run is cut into
-the same number of contiguous pieces (``min(head_chunks, fewest heads on a rank)``, sizes as even
-as possible), and chunk ``g`` moves piece ``g`` of every rank's run. The all-to-alls are started
-with ``async_op=True``, chunk ``g + 1``'s all-to-all in one chunk ahead, so it runs while chunk
-``g``'s gather, table (plain split) and attention compute; chunk ``g``'s output then starts its
-all-to-all out, and one wait at the end puts all chunks' rows in head order. Every rank issues the
-same collectives in the same order (in 0, in 1, out 0, in 2, out 1, ...). In backward the adjoint
-all-to-alls are started in a fixed order (every output gradient at once, last chunk first; then
-the input gradients chunk by chunk, last first), each waited on only when its gradient is needed,
-so they overlap the attention backward of the other chunks. One chunk runs steps 3-5 as one
-synchronous all-to-all each way.
 
 The all-to-alls are autograd functions, so gradients flow to the local q, k, v shards.
 
@@ -58,27 +46,9 @@ from ..constants import TILE
 from ..grid import TokenLayout, VideoGrid
 from ..masks import BlockSparseMask, MaskSpec, num_query_blocks, sta_mask
 from ..validation import as_choice, check_tensors
-from .comm import (
-    InFlight,
-    ProcessGroup,
-    all_to_all_rows,
-    group_size_rank,
-    start_all_to_all_rows,
-    wait_all_to_all_rows,
-    wait_all_to_all_rows_into,
-)
+from .comm import ProcessGroup, all_to_all_rows, group_size_rank
 from .maps import gathers
-from .partition import (
-    balance_heads,
-    check_head_chunks,
-    check_shard_sizes,
-    chunk_count,
-    contiguous_heads,
-    even_head_counts,
-    head_pieces,
-    rank_loads,
-)
-from .partition import shard_sizes as default_sizes
+from .partition import balance_heads, check_shard_sizes, contiguous_heads, even_head_counts, rank_loads, shard_sizes as default_sizes
 from .timing import PhaseTimer
 
 
@@ -93,7 +63,6 @@ class UlyssesInfo:
         local_heads: this rank's heads (``assignment[rank]``).
         mask: the block table used for ``local_heads`` (heads dimension 1 when shared by every head).
         shard_sizes: tokens per rank of the natural sequence.
-        head_chunks: the number of head chunks the all-to-alls were pipelined over (1: no pipelining).
     """
 
     assignment: list[list[int]]
@@ -101,7 +70,6 @@ class UlyssesInfo:
     local_heads: list[int]
     mask: BlockSparseMask
     shard_sizes: list[int]
-    head_chunks: int = 1
 
     def rank_costs(self) -> list[int] | None:
         """Kept block pairs per rank under ``assignment`` (None when costs were not computed)."""
@@ -155,7 +123,6 @@ def _block_means(
 
 
 _BANDS: DeviceCache[torch.Tensor] = DeviceCache(64)
-_ORDERS: DeviceCache[torch.Tensor] = DeviceCache(64)  # head orders of the chunked all-to-alls
 
 
 def _band_ids(layout: TokenLayout, row0: int, row1: int) -> torch.Tensor:
@@ -224,7 +191,6 @@ def ulysses_nabla_attention(
     shard_sizes: Sequence[int] | None = None,
     return_info: bool = False,
     timer: PhaseTimer | None = None,
-    head_chunks: int = 4,
 ) -> torch.Tensor | tuple[torch.Tensor, UlyssesInfo]:
     """NABLA attention over a sequence sharded across the ranks of ``group`` (Ulysses).
 
@@ -255,13 +221,6 @@ def ulysses_nabla_attention(
         shard_sizes: tokens per rank (see above); must be the same on every rank.
         return_info: also return a :class:`UlyssesInfo` (assignment, costs, the local mask).
         timer: a :class:`PhaseTimer` that records the phases ``mask``, ``all_to_all`` and ``attention``.
-        head_chunks: pipeline the all-to-alls over this many chunks of each rank's heads (capped by
-            the fewest heads on a rank; at least 1), so that the transfers of one chunk run while
-            another chunk's attention computes, forward and backward (the module docstring has the
-            order). Costs one more all-to-all pair per chunk (smaller transfers, each with its own
-            launch and latency) and a send-side copy per chunk; outputs, gradients and tables equal
-            those of ``head_chunks=1`` (one synchronous all-to-all each way, no overlap). Must be
-            the same on every rank.
 
     Returns:
         The output shard shaped like ``v`` (``[batch, heads, local_seq, v_head_dim]``, v's dtype; may
@@ -270,7 +229,6 @@ def ulysses_nabla_attention(
     Heads need not divide by the world size: ranks get ``heads // world`` or one more (a rank may get
     none when heads < world). Every rank must call with the same arguments except the tensors.
     """
-    check_head_chunks(head_chunks)  # like every argument error: before the first collective
     P, rank = group_size_rank(group)
     layout = make_layout(grid, text_tokens, text_position)
     check_tensors(q, k, v, "local_seq")
@@ -306,7 +264,6 @@ def ulysses_nabla_attention(
         timer.start("mask")
     head_costs: list[int] | None = None
     counts = even_head_counts(H, P)
-    shared_table = False  # one table (heads dimension 1) serves every head
     with torch.no_grad():
         if mask is not None:
             kept_all = mask.kept.to(q.device)
@@ -315,11 +272,10 @@ def ulysses_nabla_attention(
                 head_costs = [int(x) for x in kept_all.sum(dim=(0, 2, 3), dtype=torch.int64).tolist()]
                 assignment = _pick_assignment(head_costs, P, balance_min_gain)
             local = assignment[rank]
-            shared_table = kept_all.shape[1] != H
-            kept_local = kept_all if shared_table else kept_all[:, local]
+            kept_local = kept_all[:, local] if kept_all.shape[1] == H else kept_all
         elif spec.threshold is None:  # type: ignore[union-attr]
             # Pure STA: one table for every head, so every head costs the same; nothing to balance.
-            assignment, shared_table = contiguous_heads(H, P), True
+            assignment = contiguous_heads(H, P)
             kept_local = sta_mask(grid, spec.sta_window, text_tokens, text_position,  # type: ignore[union-attr, arg-type]
                                   query_block=query_block, device=q.device).kept
         elif not balance:
@@ -341,138 +297,73 @@ def ulysses_nabla_attention(
                     kept_local = _all_gather_heads(kept_run, counts, group)[:, assignment[rank]]
     local_heads = assignment[rank]
 
-    # ---- head chunks: the same cut on every rank, so every collective matches -------------------
-    G = chunk_count(head_chunks, H, P)
-    # chunk_heads[g][p]: the heads rank p attends in chunk g (piece g of its run).
-    chunk_heads = list(zip(*(head_pieces(heads, G) for heads in assignment)))
-    # Every chunk sends its heads grouped by destination rank, and its output comes back in that
-    # order: `order` lists the heads as the chunks move them (the plain head order when G == 1 and
-    # heads keep their ranks' contiguous runs).
-    order = [h for per_rank in chunk_heads for heads in per_rank for h in heads]
-    bounds = [0]
-    for per_rank in chunk_heads:
-        bounds.append(bounds[-1] + sum(len(heads) for heads in per_rank))
-    # Cached on the device: building it per call would copy from pageable memory, a host sync.
-    order_idx = None
-    if order != list(range(H)):
-        order_idx = _ORDERS.get(tuple(order), q.device, lambda: torch.tensor(order, device=q.device))
-    local_bounds = [0]
-    for per_rank in chunk_heads:
-        local_bounds.append(local_bounds[-1] + len(per_rank[rank]))
-
     # ---- all-to-all: sequence shards -> full sequence for own heads, in tiled order -------------
     # Copies are the cost here (a full-sequence q, k, v for a rank's heads is ~1 GB at Wan 14B
-    # 720p on 2 GPUs). Each tensor makes one all-to-all per chunk and lands in tiled order through
-    # one gather. On the send side a chunk whose heads are one run (one chunk in head order, or
-    # one rank) is a slice, sent without a copy when the shard is contiguous with batch 1 and
-    # unpadded; any other chunk is one index_select (q, k, v in a diffusers [B, S, H, D] layout
-    # need that copy in any case).
-
-    def send_in(g: int) -> list[torch.Tensor]:
-        """Chunk g's q, k, v ``[rows, B, c, d]``: own valid tokens padded to c slots, rows = the
-        chunk's heads grouped by destination rank."""
-        lo, hi = bounds[g], bounds[g + 1]
-        first = order[lo]
-        run = order[lo:hi] == list(range(first, first + hi - lo))
-        out = []
-        for x in (q, k, v):
-            x = x[:, :, :n_r].transpose(0, 1)
-            x = x[first : first + hi - lo] if run else x.index_select(0, order_idx[lo:hi])  # type: ignore[index]
-            if n_r < c:
-                x = F.pad(x, (0, 0, 0, c - n_r))
-            out.append(x)
-        return out
-
-    def rows_of(g: int) -> tuple[list[int], list[int]]:
-        return [len(heads) for heads in chunk_heads[g]], [len(chunk_heads[g][rank])] * P
-
-    def chunk_table(g: int, qt: torch.Tensor, kt: torch.Tensor, h_g: int) -> torch.Tensor:
-        """Chunk g's table: piece g of a table computed above (a shared one whole), else built from
-        the chunk's tiled q, k (per head, so the chunks' tables are one call's over all heads)."""
-        if kept_local is not None:
-            return kept_local if shared_table else kept_local[:, local_bounds[g] : local_bounds[g + 1]]
-        if timer is not None:
-            timer.start("mask")
-        if h_g > 0:
-            return nabla_mask_tiled(qt.detach(), kt.detach(), layout, spec.threshold, spec.sta_window,  # type: ignore[union-attr]
-                                    query_block=query_block, backend=backend).kept
-        return torch.zeros(B, 0, num_query_blocks(layout, query_block), layout.num_blocks,
-                           dtype=torch.bool, device=q.device)
-
+    # 720p on 2 GPUs), so each tensor makes one all-to-all with no send-side copy when the heads
+    # keep their order and batch is 1, and lands in tiled order through one gather.
     if timer is not None:
         timer.start("all_to_all")
-    tables: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []  # one chunk: the output rows in send order
-    flights_out: list[InFlight] = []
-    if G == 1:
-        send_rows, recv_rows = rows_of(0)
-        recv = all_to_all_rows(send_in(0), send_rows, recv_rows, group, zero_rows=1)
-    else:
-        flight = start_all_to_all_rows(send_in(0), *rows_of(0), group, zero_rows=1)
-        token = None
-    for g in range(G):
-        if G > 1:
-            # Start the next chunk's transfer before this one's compute; wait for this chunk's.
-            # The tokens fix the backward: this wait's backward (starting the q, k, v gradients'
-            # transfer of chunk g) runs before the previous chunk's, and the next chunk's start
-            # waits for its gradients only after it, i.e. after this chunk's attention backward.
-            nxt = start_all_to_all_rows(send_in(g + 1), *rows_of(g + 1), group, zero_rows=1) if g + 1 < G else None
-            after = [t for t in (nxt.token if nxt is not None else None, token) if t is not None]
-            recv, token = wait_all_to_all_rows(flight, after)
-        h_g = len(chunk_heads[g][rank])
-        gather_in, gather_out, slot_valid, seg_in, seg_out = gathers(layout, tuple(sizes), h_g, B, q.device)
-        # Each received buffer: [P*h_g + 1, B, c, d] by (source rank, head), then a zero slab that
-        # the gather reads for the tiled layout's padding slots.
-        qt, kt, vt = (
-            r.view(-1, seg_in * r.shape[-1]).index_select(0, gather_in).view(B, h_g, layout.tiled_len, r.shape[-1])
-            for r in recv
-        )
-        kept = chunk_table(g, qt, kt, h_g)
-        tables.append(kept)
+    perm = [h for heads in assignment for h in heads]
+    perm_idx = None if perm == list(range(H)) else torch.tensor(perm, device=q.device)
+    h_r = len(local_heads)
+    send_rows = [len(a) for a in assignment]
+    gather_in, gather_out, slot_valid, seg_in, seg_out = gathers(layout, tuple(sizes), h_r, B, q.device)
 
-        # ---- attention over the full sequence for the chunk's heads -------------------------------
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        # Own valid tokens, padded to c slots, heads grouped by destination rank; rows = heads.
+        x = x[:, :, :n_r]
+        if n_r < c:
+            x = F.pad(x, (0, 0, 0, c - n_r))
+        if perm_idx is not None:
+            x = x.index_select(1, perm_idx)
+        return x.transpose(0, 1)
+
+    recv = all_to_all_rows([heads_first(x) for x in (q, k, v)], send_rows, [h_r] * P, group, zero_rows=1)
+    # Each received buffer: [P*h_r + 1, B, c, d] by (source rank, head), then a zero slab that the
+    # gather reads for the tiled layout's padding slots.
+    qt, kt, vt = (
+        r.view(-1, seg_in * r.shape[-1]).index_select(0, gather_in).view(B, h_r, layout.tiled_len, r.shape[-1])
+        for r in recv
+    )
+
+    if kept_local is None:
         if timer is not None:
-            timer.start("attention")
-        if h_g > 0:
-            out_t = nabla_attention(
-                qt, kt, vt, grid, None, None, text_tokens, text_position,
-                mask=BlockSparseMask(kept.contiguous(), layout, query_block), backend=backend,
-                token_order="tiled", scale=scale,
-            )  # fmt: skip
+            timer.start("mask")
+        if h_r > 0:
+            kept_local = nabla_mask_tiled(qt.detach(), kt.detach(), layout, spec.threshold, spec.sta_window,  # type: ignore[union-attr]
+                                          query_block=query_block, backend=backend).kept
         else:
-            out_t = vt  # [B, 0, tiled_len, Dv]: nothing to attend (the all-to-all node stays in the graph)
+            kept_local = torch.zeros(B, 0, num_query_blocks(layout, query_block), layout.num_blocks,
+                                     dtype=torch.bool, device=q.device)
+    local_mask = BlockSparseMask(kept_local.contiguous(), layout, query_block)
 
-        # ---- all-to-all back: chunk heads over the full sequence -> its heads over own shard -----
-        if timer is not None:
-            timer.start("all_to_all")
-        # One gather puts the output rows in send order [P, h_g, B, c] (chunk padding slots read
-        # row 0: the receiver drops or zeroes them).
-        o = out_t.reshape(-1, seg_out * Dv).index_select(0, gather_out).view(P * h_g, B, c, Dv)
-        send_rows, recv_rows = rows_of(g)
-        if G == 1:
-            outs = all_to_all_rows([o], recv_rows, send_rows, group)  # [H in order, B, c, Dv]
-        else:
-            flights_out.append(start_all_to_all_rows([o], recv_rows, send_rows, group))
-            flight = nxt  # type: ignore[assignment]
-
-    if G == 1:
-        back = outs[0]
-        if order_idx is not None:
-            inverse = torch.empty_like(order_idx)
-            inverse[order_idx] = torch.arange(H, device=q.device)
-            back = back.index_select(0, inverse)
+    # ---- attention over the full sequence for own heads ------------------------------------------
+    if timer is not None:
+        timer.start("attention")
+    if h_r > 0:
+        out_t = nabla_attention(
+            qt, kt, vt, grid, None, None, text_tokens, text_position,
+            mask=local_mask, backend=backend, token_order="tiled", scale=scale,
+        )  # fmt: skip
     else:
-        # Every chunk's rows straight to their heads' places: [H, B, c, Dv] in head order.
-        rows = order_idx if order_idx is not None else torch.arange(H, device=q.device)
-        index = [rows[bounds[g] : bounds[g + 1]] for g in range(G)]
-        back = wait_all_to_all_rows_into(flights_out, index, H)
+        out_t = vt  # [B, 0, tiled_len, Dv]: nothing to attend (the all-to-all node stays in the graph)
+
+    # ---- all-to-all back: own heads over the full sequence -> all heads over own shard -----------
+    if timer is not None:
+        timer.start("all_to_all")
+    # One gather puts the output rows in send order [P, h_r, B, c] (chunk padding slots read row 0:
+    # the receiver drops or zeroes them).
+    o = out_t.reshape(-1, seg_out * Dv).index_select(0, gather_out).view(P * h_r, B, c, Dv)
+    (back,) = all_to_all_rows([o], [h_r] * P, send_rows, group)  # [H in perm order, B, c, Dv]
+    if perm_idx is not None:
+        inverse = torch.empty_like(perm_idx)
+        inverse[perm_idx] = torch.arange(H, device=q.device)
+        back = back.index_select(0, inverse)
     out = back.transpose(0, 1)[:, :, :L]
     if L > n_r:  # padded shard: its padding rows are zeros (and pass no gradient)
         out = out.masked_fill(~slot_valid[rank, :L].view(1, 1, L, 1), 0.0)
     if timer is not None:
         timer.stop()
     if return_info:
-        kept_all_local = tables[0] if G == 1 or shared_table else torch.cat(tables, dim=1)
-        local_mask = BlockSparseMask(kept_all_local.contiguous(), layout, query_block)
-        return out, UlyssesInfo(assignment, head_costs, local_heads, local_mask, sizes, G)
+        return out, UlyssesInfo(assignment, head_costs, local_heads, local_mask, sizes)
     return out
