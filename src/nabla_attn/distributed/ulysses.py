@@ -14,8 +14,8 @@ Each rank of a ``torch.distributed`` group holds a contiguous shard of the natur
    run from the means (:func:`nabla_attn.mask_from_means`), the tables are
    all-gathered (bool, ``H * Qb * Kb`` bytes), every rank counts each head's kept blocks and runs the
    same greedy longest-processing-time assignment (fixed head count per rank), so all ranks agree.
-3. *All-to-all in.* q, k, v travel in one all-to-all (one when v's head_dim differs from q's: two):
-   each rank receives the full sequence for its heads, lands it directly in the tiled layout.
+3. *All-to-all in.* q, k, v travel in one differentiable node, one ``all_to_all_single`` each: each
+   rank receives the full sequence for its heads, lands it directly in the tiled layout.
 4. *Attention.* The core :func:`~nabla_attn.nabla_attention` with the precomputed mask,
    ``token_order="tiled"``.
 5. *All-to-all out.* The outputs go back to sequence shards in the original head order.
