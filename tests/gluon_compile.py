@@ -25,16 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-HOPPER_SMEM = 227 * 1024
-
-
 class _NoLaunch:
     """What the JIT and CompiledKernel ask of a driver, for an sm_90 device that is not there."""
 
     class utils:  # noqa: N801 - the attribute name the JIT uses
         @staticmethod
         def get_device_properties(device: int) -> dict[str, int]:
-            return {"max_shared_mem": HOPPER_SMEM, "multiprocessor_count": 132}
+            from nabla_attn.kernels.attention_ws import SMEM_BYTES
+
+            return {"max_shared_mem": SMEM_BYTES, "multiprocessor_count": 132}
 
         @staticmethod
         def load_binary(name, kernel, shared, device):  # noqa: ANN001, ANN205

@@ -108,10 +108,11 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Te
     if warp_specialized(q, query_block, scale, cfg):
         from ..kernels import attention_ws
 
-        if query_block == 64:
-            return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded,
-                                        stages=cfg.ws_stages, kept=kept, pairs=lay.table("query_pairs", q.device))
-        return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages)
+        # 64-row tables stream the union of two rows' lists, the rows paired by the layout.
+        q64 = query_block == 64
+        pairs = lay.table("query_pairs", q.device) if q64 else None
+        return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages,
+                                    kept=kept if q64 else None, pairs=pairs)
     return kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
                           tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
 

@@ -350,6 +350,25 @@ def _producer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
 
 
 @gluon.jit
+def _ring(Q_desc, K_desc, V_desc, SLOT_KEYS: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr):
+    """Shared memory of one program: the two 64-row Q halves, ``NUM_STAGES`` K and V slots of
+    ``SLOT_KEYS`` keys, and their barriers (a slot is released by both consumers: count 2)."""
+    q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, SLOT_KEYS, HEAD_DIM], K_desc.layout)
+    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, SLOT_KEYS, HEAD_DIM], V_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)
+    return q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty
+
+
+@gluon.jit
 def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, i_h, i_r, H, S, qk_scale,
                  HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
     """One program per (128-row query tile, batch*head). ``Q_desc``/``K_desc``/``V_desc``: tensor
@@ -366,20 +385,9 @@ def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, 
     row0 = bh * S
     tile_row = pid_m * (2 * ROWS)
 
-    q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
     # A slot holds two listed key blocks (a 128-key step).
-    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, 2 * ROWS, HEAD_DIM], K_desc.layout)
-    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, 2 * ROWS, HEAD_DIM], V_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        # Released by both consumers.
-        mbarrier.init(kv_empty.index(i), count=2)
+    q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty = _ring(Q_desc, K_desc, V_desc, 2 * ROWS, HEAD_DIM,
+                                                                        NUM_STAGES)
 
     gl.warp_specialize([
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
@@ -418,19 +426,9 @@ def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, B
     # S: the epilogue stores no rows there (and the producer's copy of them is never read).
     first1 = gl.where(has1, r1 * ROWS, S)
 
-    q_smem = gl.allocate_shared_memory(Q_desc.dtype, [2, ROWS, HEAD_DIM], Q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(K_desc.dtype, [NUM_STAGES, ROWS, HEAD_DIM], K_desc.layout)
-    v_bufs = gl.allocate_shared_memory(V_desc.dtype, [NUM_STAGES, ROWS, HEAD_DIM], V_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(NUM_STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        # Both consumers release every union slot (one computed it, or both).
-        mbarrier.init(kv_empty.index(i), count=2)
+    # A slot holds one union block; both consumers release every slot (one computed it, or both).
+    q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty = _ring(Q_desc, K_desc, V_desc, ROWS, HEAD_DIM,
+                                                                        NUM_STAGES)
 
     gl.warp_specialize([
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
@@ -525,8 +523,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     """Output and base-2 log-sum-exp of contiguous tiled fp16/bf16 q, k, v ``[B, H, S, D]`` (D 64 or
     128) under a table's kv lists; ``scale`` must be positive (it folds into exp2). A 128-row table
     passes its lists alone; a 64-row table also passes its bool table ``kept`` (the union lists are
-    built from it) and the ``pairs`` of rows one program holds (:func:`union_lists`). ``stages`` counts 128-key slots (a 64-row table's ring has twice as many
-    one-block slots in the same shared memory)."""
+    built from it) and the ``pairs`` of rows one program holds (:func:`union_lists`). ``stages``
+    counts 128-key slots (a 64-row table's ring has twice as many one-block slots in the same
+    shared memory)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .attention import bh_strides
