@@ -12,6 +12,8 @@ kernel-only forwards in one process, each against cuDNN's dense forward times it
   on the 128-row Gluon kernel (two-block steps).
 
     PYTHONPATH=src python benchmarks/q64_diagnostic.py --out q64_diagnostic.json
+
+``--profile`` runs each forward twice without timing, for a profiler (``benchmarks/ncu_q64.sh``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from nabla_attn import BlockSparseMask, TokenLayout, VideoGrid, backends, tile  
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="q64_diagnostic.json")
+    ap.add_argument("--profile", action="store_true", help="run each forward twice, untimed, and write nothing")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("q64_diagnostic needs a CUDA GPU (sm_90 for the Gluon kernels)", file=sys.stderr)
@@ -50,10 +53,19 @@ def main() -> int:
     # Query blocks reordered so that each pair is one 128-row tile; keys stay in place.
     q_paired = q.view(1, heads, lay.num_blocks, 64, 128)[:, :, pairs.flatten()].reshape(q.shape)
     same = BlockSparseMask(kept[:, :, pairs[:, 0]].contiguous(), lay, 128)
+    configs = (("q64_real", real, q), ("q64_equal_pairs", equal, q), ("q128_same_lists", same, q_paired))
+    if args.profile:
+        with torch.no_grad():
+            for _, mask, qq in configs:
+                plan = tri.plan(mask)
+                for _ in range(2):
+                    tri.attention(qq, k, v, mask, plan, scale)
+        torch.cuda.synchronize()
+        return 0
     with torch.no_grad():
         dense = H.time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qn, kn, vn), budget_ms=600)
         rows = {}
-        for name, mask, qq in (("q64_real", real, q), ("q64_equal_pairs", equal, q), ("q128_same_lists", same, q_paired)):
+        for name, mask, qq in configs:
             plan = tri.plan(mask)
             ms = H.time_ms(lambda: tri.attention(qq, k, v, mask, plan, scale), budget_ms=300)  # noqa: B023
             rows[name] = {"density": mask.density, "ms": ms, "frac_ideal": dense * mask.density / ms}

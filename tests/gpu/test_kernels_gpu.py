@@ -70,7 +70,8 @@ def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, i
     backward. Grids: 19 blocks (the last program has a half past the end) with padding and a text
     block; whole 8x8 tiles (no per-score mask); padded and even. Lists of odd length end on a half
     step. 64-row tables: the two consumers of a program get lists of different lengths (one empty,
-    one full, one ending early), so the producer's interleaving reaches its tail."""
+    one full, one ending early), so the producer's interleaving reaches its tail; at 19 and 20
+    blocks, each consumer also gets a list whose blocks lie further apart than the ring holds."""
     layout = TokenLayout(VideoGrid(*grid), text)
     B, H, scale = 2, 3, 1 / math.sqrt(D)
     g = torch.Generator().manual_seed(D + text + query_block)
@@ -89,6 +90,18 @@ def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, i
     kept[1, 1, p0] = True
     kept[1, 1, p1] = False
     kept[1, 1, p1, 5] = True
+    ring = 2 * stages  # one-block slots of the 64-row kernel
+    if query_block == 64 and layout.num_blocks > 2 * (ring + 1):
+        # One row of a pair keeps every block, the other one block in every ring + 1: between its
+        # own blocks the ring wraps, so its consumer must finish a block before it may wait for the
+        # next (the kernel's far branch), in the first consumer of one program and the second of
+        # another.
+        for (b, h), pair, sparse in (((0, 2), 1, 1), ((1, 0), 2, 0)):
+            rows = layout.table("query_pairs")[pair].tolist()
+            assert -1 not in rows, rows
+            kept[b, h, rows[1 - sparse]] = True
+            kept[b, h, rows[sparse]] = False
+            kept[b, h, rows[sparse], :: ring + 1] = True
     mask = BlockSparseMask(kept.cuda(), layout, query_block)
     ws = KernelConfig(warp_specialized=True, ws_stages=stages)
     assert warp_specialized(q, query_block, scale, ws)
