@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Nsight Compute on the three forwards of benchmarks/q64_diagnostic.py (H200; needs a machine whose
-# runtime lets ncu read the counters): for each Gluon kernel's second launch of each config, warp
-# stall reasons, issue activity and executed instructions per opcode. Output: $OUT/ncu_q64.txt.
+# Nsight Compute on the forwards of benchmarks/q64_diagnostic.py (H200; needs a machine whose runtime
+# lets ncu read the counters): every Gluon launch after the first (the real 64-row table's second,
+# both of the equal-lists case, both of the 128-row case): throughput, issue activity, instruction
+# counts and the top warp stall reason. Output: $OUT/ncu_q64.txt. (The per-opcode metric prints its
+# total only.)
 set -u
 OUT=${OUT:-.}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
