@@ -7,7 +7,13 @@ a stand-in driver reports an sm_90 target and turns every launch into a no-op, t
 assembles each compiled kernel for sm_90a with ``-v``, which reports its spills. Outputs are never
 computed: this checks that the kernels build, not what they compute (``scripts/test_gpu.sh`` does).
 
-    python tests/gluon_compile.py       # one line per kernel build; exit status 1 on a spill
+It also reads each kernel's machine code (the bundled ``nvdisasm``) for one miscompile seen in this
+project (docs/kernel-notes.md, v33): ptxas 12.8 let a wgmma (``HGMMA``) read its shared-memory
+descriptors from uniform registers that only another branch had written, so one consumer computed
+from the wrong V rows. :func:`undefined_descriptor_uses` flags any ``HGMMA`` whose descriptor
+registers are not written on every path from the kernel's entry.
+
+    python tests/gluon_compile.py       # one line per kernel build; exit status 1 on a spill or a flag
 
 Run it in a process of its own without ``TRITON_INTERPRET`` (the interpreter replaces compilation).
 """
@@ -78,9 +84,113 @@ def spills(ptx: str) -> tuple[int, str]:
     return sum(counts), regs
 
 
-def build_all() -> list[tuple[str, int, str]]:
+_INSN = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?P<body>[^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_GUARD = re.compile(r"^@!?U?P[T\d]+\s+")
+_JUMPS = ("BRA", "BRX", "JMP")
+_ENDS = ("EXIT", "RET")
+
+
+def _uniform_defs(opcode: str, operands: str) -> set[int]:
+    """Uniform registers an instruction writes: its first operand when that is ``URn`` (and
+    ``URn+1`` for 64-bit and widening forms)."""
+    m = re.fullmatch(r"UR(\d+)", operands.split(",")[0].strip())
+    if not m:
+        return set()
+    n = int(m.group(1))
+    return {n, n + 1} if (".64" in opcode or ".WIDE" in opcode) else {n}
+
+
+def undefined_descriptor_uses(sass: str) -> list[tuple[str, list[int]]]:
+    """``HGMMA`` instructions of one kernel's ``nvdisasm -c`` listing whose descriptor registers
+    (``gdesc[URn]``: A at ``URn``/``URn+1`` unless A is in registers, B at ``URn+2``/``URn+3``) are
+    not written on every path from the entry, with the missing registers. A forward data-flow
+    analysis over basic blocks (intersection at joins); predicated writes do not count."""
+    insns: list[tuple[bool, str, str]] = []  # (guarded, opcode, operands)
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        if m := _LABEL.match(line):
+            labels[m.group(1)] = len(insns)
+        elif m := _INSN.match(line):
+            body = m.group("body").strip()
+            opcode, _, operands = _GUARD.sub("", body).partition(" ")
+            insns.append((bool(_GUARD.match(body)), opcode, operands.strip()))
+    n = len(insns)
+    leaders = {0, *labels.values(), *(i + 1 for i, (_, op, _) in enumerate(insns) if op.startswith(_JUMPS + _ENDS))}
+    starts = sorted(x for x in leaders if x < n)
+    blocks = list(zip(starts, [*starts[1:], n]))
+    block_at = {s: b for b, (s, _) in enumerate(blocks)}
+    succ: list[set[int]] = []
+    for s, e in blocks:
+        guarded, op, operands = insns[e - 1]
+        nxt = {block_at[e]} if e < n else set()
+        if op.startswith(_JUMPS):
+            targets = {block_at[labels[t]] for t in re.findall(r"\.L_x_\d+", operands) if t in labels}
+            succ.append(targets | (nxt if guarded else set()))
+        elif op.startswith(_ENDS):
+            succ.append(nxt if guarded else set())
+        else:
+            succ.append(nxt)
+    preds: list[set[int]] = [set() for _ in blocks]
+    for b, targets in enumerate(succ):
+        for t in targets:
+            preds[t].add(b)
+
+    def written(b: int, before: frozenset[int]) -> frozenset[int]:
+        s, e = blocks[b]
+        out = set(before)
+        for guarded, op, operands in insns[s:e]:
+            if not guarded:
+                out |= _uniform_defs(op, operands)
+        return frozenset(out)
+
+    # None: not reached yet (the universal set of the intersection).
+    entry: list[frozenset[int] | None] = [frozenset()] + [None] * (len(blocks) - 1)
+    exit_: list[frozenset[int] | None] = [None] * len(blocks)
+    changed = True
+    while changed:
+        changed = False
+        for b in range(len(blocks)):
+            if b:
+                reached = [exit_[p] for p in preds[b] if exit_[p] is not None]
+                if not reached:
+                    continue
+                entry[b] = frozenset.intersection(*reached)
+            out = written(b, entry[b])
+            if out != exit_[b]:
+                exit_[b], changed = out, True
+    flagged = []
+    for b, (s, e) in enumerate(blocks):
+        if entry[b] is None:
+            continue
+        have = set(entry[b])
+        for guarded, op, operands in insns[s:e]:
+            if op.startswith("HGMMA") and (m := re.search(r"gdesc\[UR(\d+)\]", operands)):
+                base = int(m.group(1))
+                a_in_registers = re.match(r"R\d+\s*,\s*R\d+", operands) is not None
+                need = {base + 2, base + 3} | (set() if a_in_registers else {base, base + 1})
+                if missing := sorted(need - have):
+                    flagged.append((f"{op} {operands}", missing))
+            if not guarded:
+                have |= _uniform_defs(op, operands)
+    return flagged
+
+
+def disassemble(cubin: bytes) -> str:
+    """``nvdisasm -c`` of a cubin (the one Triton bundles)."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        return subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def build_all() -> list[tuple[str, int, str, list[tuple[str, list[int]]]]]:
     """Build every launch variant of the Gluon forward (128- and 64-row tables, head_dim 64 and
-    128, with and without padded blocks): ``(variant, spill bytes, ptxas register line)``."""
+    128, with and without padded blocks): ``(variant, spill bytes, ptxas register line, HGMMA
+    instructions with undefined descriptor registers)``."""
     from triton.runtime import driver
 
     # For this process only: nothing here can launch a kernel afterwards (no default driver to go
@@ -88,7 +198,7 @@ def build_all() -> list[tuple[str, int, str]]:
     driver.set_active(_NoLaunch())
     from nabla_attn.kernels import attention_ws as ws
 
-    built: list[tuple[str, int, str]] = []
+    built: list[tuple[str, int, str, list[tuple[str, list[int]]]]] = []
     B, H, S = 1, 2, 1024
     nq = S // 64
     for D in (64, 128):
@@ -105,7 +215,8 @@ def build_all() -> list[tuple[str, int, str]]:
         for kernel in fn.device_caches[0][0].values():
             const = {fn.arg_names[key[0]]: value for key, value in kernel.src.constants.items()}
             name = f"{table}-row table, head_dim {const['HEAD_DIM']}" + (", padded" if const["PAD"] else "")
-            built.append((name, *spills(kernel.asm["ptx"])))
+            flagged = undefined_descriptor_uses(disassemble(kernel.asm["cubin"]))
+            built.append((name, *spills(kernel.asm["ptx"]), flagged))
     return built
 
 
@@ -114,10 +225,14 @@ def main() -> int:
         print("gluon_compile: unset TRITON_INTERPRET (the interpreter replaces compilation)", file=sys.stderr)
         return 2
     built = build_all()
-    for name, spilled, regs in built:
-        print(f"{name:40s} spill bytes {spilled:5d}   {regs}")
-    print(f"{len(built)} Gluon builds for sm_90a, {sum(s > 0 for _, s, _ in built)} with spills")
-    return 1 if any(s for _, s, _ in built) else 0
+    for name, spilled, regs, flagged in built:
+        print(f"{name:40s} spill bytes {spilled:5d}   undefined descriptors {len(flagged)}   {regs}")
+        for insn, missing in flagged:
+            print(f"    {insn}: UR{', UR'.join(map(str, missing))} not written on every path")
+    spilling = sum(s > 0 for _, s, _, _ in built)
+    miscompiled = sum(bool(f) for *_, f in built)
+    print(f"{len(built)} Gluon builds for sm_90a, {spilling} with spills, {miscompiled} with undefined descriptors")
+    return 1 if spilling or miscompiled else 0
 
 
 if __name__ == "__main__":
