@@ -1,7 +1,8 @@
-"""Compile the warp-specialised Gluon forward for Hopper (sm_90a) on a machine without a GPU.
+"""Compile the kernels a Hopper card runs (sm_90a) on a machine without a GPU.
 
 The Gluon kernels run only on sm_90, so CI (no GPU) never builds them; a Gluon error or a register
-spill would surface only on the device. Triton can compile for a target it is not running on: here
+spill would surface only on the device. The Triton kernels are built too (their spills are
+reported, not required to be zero). Triton can compile for a target it is not running on: here
 a stand-in driver reports an sm_90 target and turns every launch into a no-op, the real launcher
 (:func:`nabla_attn.kernels.attention_ws.forward`) runs on CPU tensors, and the bundled ``ptxas``
 assembles each compiled kernel for sm_90a with ``-v``, which reports its spills. Outputs are never
@@ -13,7 +14,7 @@ descriptors from uniform registers that only another branch had written, so one 
 from the wrong V rows. :func:`undefined_descriptor_uses` flags any ``HGMMA`` whose descriptor
 registers are not written on every path from the kernel's entry.
 
-    python tests/gluon_compile.py       # one line per kernel build; exit status 1 on a spill or a flag
+    python tests/gluon_compile.py       # one line per build; exit status 1 on a Gluon spill or a flag
 
 Run it in a process of its own without ``TRITON_INTERPRET`` (the interpreter replaces compilation).
 """
@@ -25,6 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -187,36 +189,60 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
 
 
-def build_all() -> list[tuple[str, int, str, list[tuple[str, list[int]]]]]:
+@dataclass(frozen=True)
+class Build:
+    """One kernel build for sm_90a."""
+
+    name: str
+    gluon: bool  # the Gluon forward (must not spill); else a Triton kernel (spills reported only)
+    spill_bytes: int
+    registers: str  # ptxas's register line
+    flagged: list[tuple[str, list[int]]]  # undefined_descriptor_uses of its machine code
+
+
+def build_all() -> list[Build]:
     """Build every launch variant of the Gluon forward (128- and 64-row tables, head_dim 64 and
-    128, with and without padded blocks): ``(variant, spill bytes, ptxas register line, HGMMA
-    instructions with undefined descriptor registers)``."""
+    128, with and without padded blocks) and of the Triton kernels a Hopper card runs in bfloat16
+    (the forward on 64- and 128-row tiles, the two backward kernels; tensor-descriptor loads)."""
     from triton.runtime import driver
 
     # For this process only: nothing here can launch a kernel afterwards (no default driver to go
     # back to on a machine without a GPU).
     driver.set_active(_NoLaunch())
+    from nabla_attn.backends.triton import DEFAULT_CONFIG as cfg
+    from nabla_attn.kernels import attention as tri
     from nabla_attn.kernels import attention_ws as ws
 
-    built: list[tuple[str, int, str, list[tuple[str, list[int]]]]] = []
     B, H, S = 1, 2, 1024
     nq = S // 64
     for D in (64, 128):
         for padded in (False, True):
             q = torch.zeros(B, H, S, D, dtype=torch.bfloat16)
+            lse = torch.zeros(B, H, S, dtype=torch.float32)
             bcnt = torch.full((nq,), 64, dtype=torch.int32)
             kept = torch.ones(B, H, nq, nq, dtype=torch.bool)
             counts = torch.full((B, H, nq), nq, dtype=torch.int32)
             indices = torch.arange(nq, dtype=torch.int32).expand(B, H, nq, nq).contiguous()
             pairs = torch.arange(nq, dtype=torch.int32).view(-1, 2)
-            ws.forward(q, q, q, counts[..., : nq // 2], indices[..., : nq // 2, :], bcnt, 0.1, padded=padded)
+            c128, i128 = counts[..., : nq // 2], indices[..., : nq // 2, :].contiguous()
+            ws.forward(q, q, q, c128, i128, bcnt, 0.1, padded=padded)
             ws.forward(q, q, q, counts, indices, bcnt, 0.1, padded=padded, kept=kept, pairs=pairs)
-    for fn, table in ((ws._attn_fwd_ws, 128), (ws._attn_fwd_union, 64)):
+            for tile, c, i in ((64, counts, indices), (128, c128, i128)):
+                tri.forward(q, q, q, c, i, bcnt, 0.1, tile_m=tile, padded=padded, tma=True, warps=cfg.fwd_warps,
+                            stages=cfg.fwd_stages)
+            tri.backward(q, q, q, q, q, lse, counts, indices, counts, indices, bcnt, 0.1, list_shift=0, padded=padded,
+                         tma=True, dq_warps=cfg.dq_warps, dq_stages=cfg.dq_stages, dkdv_warps=cfg.dkdv_warps,
+                         dkdv_stages=cfg.dkdv_stages)
+    built: list[Build] = []
+    kernels = ((ws._attn_fwd_ws, "Gluon forward, 128-row table"), (ws._attn_fwd_union, "Gluon forward, 64-row table"),
+               (tri._attn_fwd, "Triton forward"), (tri._attn_bwd_dq, "Triton dQ"), (tri._attn_bwd_dkdv, "Triton dK/dV"))
+    for fn, label in kernels:
         for kernel in fn.device_caches[0][0].values():
             const = {fn.arg_names[key[0]]: value for key, value in kernel.src.constants.items()}
-            name = f"{table}-row table, head_dim {const['HEAD_DIM']}" + (", padded" if const["PAD"] else "")
+            tile = f", {const['BLOCK_M']}-row tiles" if label == "Triton forward" else ""
+            name = f"{label}{tile}, head_dim {const['HEAD_DIM']}" + (", padded" if const["PAD"] else "")
             flagged = undefined_descriptor_uses(disassemble(kernel.asm["cubin"]))
-            built.append((name, *spills(kernel.asm["ptx"]), flagged))
+            built.append(Build(name, label.startswith("Gluon"), *spills(kernel.asm["ptx"]), flagged))
     return built
 
 
@@ -225,13 +251,15 @@ def main() -> int:
         print("gluon_compile: unset TRITON_INTERPRET (the interpreter replaces compilation)", file=sys.stderr)
         return 2
     built = build_all()
-    for name, spilled, regs, flagged in built:
-        print(f"{name:40s} spill bytes {spilled:5d}   undefined descriptors {len(flagged)}   {regs}")
-        for insn, missing in flagged:
+    for b in built:
+        print(f"{b.name:54s} spill bytes {b.spill_bytes:4d}   undefined descriptors {len(b.flagged)}   {b.registers}")
+        for insn, missing in b.flagged:
             print(f"    {insn}: UR{', UR'.join(map(str, missing))} not written on every path")
-    spilling = sum(s > 0 for _, s, _, _ in built)
-    miscompiled = sum(bool(f) for *_, f in built)
-    print(f"{len(built)} Gluon builds for sm_90a, {spilling} with spills, {miscompiled} with undefined descriptors")
+    gluon = [b for b in built if b.gluon]
+    spilling = sum(b.spill_bytes > 0 for b in gluon)
+    miscompiled = sum(bool(b.flagged) for b in built)
+    print(f"{len(gluon)} Gluon builds for sm_90a, {spilling} with spills")
+    print(f"{len(built)} builds for sm_90a, {miscompiled} with undefined descriptors")
     return 1 if spilling or miscompiled else 0
 
 
