@@ -86,7 +86,8 @@ def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, i
     kept[0, 1, 0, -1] = True
     # A full row beside a one-block row in one program (at 64 rows the layout pairs the same tile of
     # two frames).
-    p0, p1 = layout.table("query_pairs")[0].tolist() if query_block == 64 else (0, 1)
+    pairs = layout.table("query_pairs").tolist()
+    p0, p1 = pairs[0] if query_block == 64 else (0, 1)
     kept[1, 1, p0] = True
     kept[1, 1, p1] = False
     kept[1, 1, p1, 5] = True
@@ -97,7 +98,7 @@ def test_warp_specialized_forward(dtype: torch.dtype, D: int, grid: tuple[int, i
         # next (the kernel's far branch), in the first consumer of one program and the second of
         # another.
         for (b, h), pair, sparse in (((0, 2), 1, 1), ((1, 0), 2, 0)):
-            rows = layout.table("query_pairs")[pair].tolist()
+            rows = pairs[pair]
             assert -1 not in rows, rows
             kept[b, h, rows[1 - sparse]] = True
             kept[b, h, rows[sparse]] = False

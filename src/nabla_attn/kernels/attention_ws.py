@@ -27,8 +27,9 @@ blocks of a video keep mostly the same key blocks, so the union is far shorter t
 Which two blocks share a program is the caller's choice (``pairs``; the backend pairs the same tile
 of consecutive frames, whose lists are closest in length, since a program lasts as long as its
 longer list).
- Registers are rebalanced per partition (``setmaxnreg``):
-240 per consumer thread, 24 for the producer.
+
+Registers are rebalanced per partition (``setmaxnreg``): 240 per consumer thread, 24 for the
+producer.
 
 Gluon is Triton's experimental dialect and its API moves between releases: the kernel runs on the
 release series it was validated on (:func:`gluon_validated`).
@@ -50,6 +51,12 @@ from ..constants import BLOCK_TOKENS
 ROWS = gl.constexpr(64)  # query rows per consumer, and tokens per key block
 LOG2E = 1.4426950408889634
 SMEM_BYTES = 227 * 1024  # shared memory per CTA on Hopper
+
+
+@gluon.constexpr_function
+def _mma_layout(n):
+    """The register layout of a consumer warpgroup's wgmma result with ``n`` columns (64 rows)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
@@ -99,10 +106,8 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
               O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
               HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
     BLOCK_N: gl.constexpr = 2 * ROWS
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -217,10 +222,8 @@ def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q
     ``P.V``, holding two slots. That is safe only when the next own block lies fewer than
     ``NUM_STAGES`` positions ahead (the producer must be able to fill it without this consumer's
     current slot); otherwise this block's ``P.V`` finishes and its slot is released first."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, ROWS, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = _mma_layout(ROWS)
+    o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -542,7 +545,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
         # The kernel reads each own entry's union position with the kv lists' strides, and every
         # union position must be in one of the two lists (else no consumer waits for its V copy):
         # the lists must be the compaction of this very table.
-        want = (*kept.shape[:3], kept.shape[3])
+        want = tuple(kept.shape)
         if tuple(indices.shape) != want or tuple(counts.shape) != want[:3] or not indices.is_contiguous():
             raise ValueError(f"the 64-row forward needs contiguous kv lists of its table {want}, got counts "
                              f"{tuple(counts.shape)} and indices {tuple(indices.shape)} (strides {indices.stride()})")
