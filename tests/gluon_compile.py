@@ -5,8 +5,11 @@ spill would surface only on the device. The Triton kernels are built too (their 
 reported, not required to be zero). Triton can compile for a target it is not running on: here
 a stand-in driver reports an sm_90 target and turns every launch into a no-op, the real launcher
 (:func:`nabla_attn.kernels.attention_ws.forward`) runs on CPU tensors, and the bundled ``ptxas``
-assembles each compiled kernel for sm_90a with ``-v``, which reports its spills. Outputs are never
-computed: this checks that the kernels build, not what they compute (``scripts/test_gpu.sh`` does).
+assembles each compiled kernel for sm_90a with ``-v``, which reports its spills and whether it
+serialised the kernel's wgmma instructions (its C7514 notice, which a Gluon kernel that keeps a
+product in flight across a loop's register copies gets: docs/kernel-notes.md, v36). Outputs are
+never computed: this checks that the kernels build, not what they compute (``scripts/test_gpu.sh``
+does).
 
 It also reads each kernel's machine code (the bundled ``nvdisasm``) for one miscompile seen in this
 project (docs/kernel-notes.md, v33): ptxas 12.8 let a wgmma (``HGMMA``) read its shared-memory
@@ -14,7 +17,7 @@ descriptors from uniform registers that only another branch had written, so one 
 from the wrong V rows. :func:`undefined_descriptor_uses` flags any ``HGMMA`` whose descriptor
 registers are not written on every path from the kernel's entry.
 
-    python tests/gluon_compile.py       # one line per build; exit status 1 on a Gluon spill or a flag
+    python tests/gluon_compile.py   # one line per build; exit status 1 on a Gluon spill or serialisation, or a flag
 
 Run it in a process of its own without ``TRITON_INTERPRET`` (the interpreter replaces compilation).
 """
@@ -71,8 +74,18 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def spills(ptx: str) -> tuple[int, str]:
-    """Spill bytes (stores + loads) ptxas reports for one kernel's PTX, and its register line."""
+def ptxas_report(stderr: str) -> tuple[int, str, bool]:
+    """From ``ptxas -v``'s report on one kernel: spill bytes (stores + loads), the register line,
+    and whether ptxas serialised the kernel's wgmma instructions (its C7514 notice: an instruction
+    reads a wgmma's accumulator registers while the product may still be in flight, so every
+    wgmma of the kernel waits for the previous one)."""
+    counts = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", stderr)]
+    regs = next((ln.strip() for ln in stderr.splitlines() if re.search(r"Used \d+ registers", ln)), "")
+    return sum(counts), regs, "C7514" in stderr
+
+
+def spills(ptx: str) -> tuple[int, str, bool]:
+    """:func:`ptxas_report` of one kernel's PTX assembled for sm_90a by the bundled ptxas."""
     import triton
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -81,9 +94,7 @@ def spills(ptx: str) -> tuple[int, str]:
         path.write_text(ptx)
         r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
                            capture_output=True, text=True, check=True)
-    counts = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
-    regs = next((ln.strip() for ln in r.stderr.splitlines() if "registers" in ln), "")
-    return sum(counts), regs
+    return ptxas_report(r.stderr)
 
 
 _INSN = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?P<body>[^;]*);")
@@ -194,9 +205,10 @@ class Build:
     """One kernel build for sm_90a."""
 
     name: str
-    gluon: bool  # the Gluon forward (must not spill); else a Triton kernel (spills reported only)
+    gluon: bool  # the Gluon forward (must not spill or serialise); else a Triton kernel (reported only)
     spill_bytes: int
     registers: str  # ptxas's register line
+    serialized: bool  # ptxas serialised its wgmma instructions (C7514)
     flagged: list[tuple[str, list[int]]]  # undefined_descriptor_uses of its machine code
 
 
@@ -252,15 +264,17 @@ def main() -> int:
         return 2
     built = build_all()
     for b in built:
-        print(f"{b.name:54s} spill bytes {b.spill_bytes:4d}   undefined descriptors {len(b.flagged)}   {b.registers}")
+        print(f"{b.name:54s} spill bytes {b.spill_bytes:4d}   undefined descriptors {len(b.flagged)}   "
+              f"{'wgmma serialised   ' if b.serialized else ''}{b.registers}")
         for insn, missing in b.flagged:
             print(f"    {insn}: UR{', UR'.join(map(str, missing))} not written on every path")
     gluon = [b for b in built if b.gluon]
     spilling = sum(b.spill_bytes > 0 for b in gluon)
+    serialized = sum(b.serialized for b in gluon)
     miscompiled = sum(bool(b.flagged) for b in built)
-    print(f"{len(gluon)} Gluon builds for sm_90a, {spilling} with spills")
+    print(f"{len(gluon)} Gluon builds for sm_90a, {spilling} with spills, {serialized} with serialised wgmma")
     print(f"{len(built)} builds for sm_90a, {miscompiled} with undefined descriptors")
-    return 1 if spilling or miscompiled else 0
+    return 1 if spilling or serialized or miscompiled else 0
 
 
 if __name__ == "__main__":

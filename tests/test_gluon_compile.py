@@ -33,8 +33,8 @@ def _script():  # noqa: ANN202 - the module object of tests/gluon_compile.py
 
 
 def test_hopper_builds_without_spills_or_undefined_descriptors() -> None:
-    """The 8 Gluon forward builds without spills; all 24 Hopper builds (Gluon and Triton kernels)
-    without wgmma descriptors read from registers not written on every path."""
+    """The 8 Gluon forward builds without spills or serialised wgmma; all 24 Hopper builds (Gluon
+    and Triton kernels) without wgmma descriptors read from registers not written on every path."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from nabla_attn.kernels.attention_ws import gluon_validated
 
@@ -45,7 +45,7 @@ def test_hopper_builds_without_spills_or_undefined_descriptors() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "8 Gluon builds for sm_90a, 0 with spills" in r.stdout, r.stdout
+    assert "8 Gluon builds for sm_90a, 0 with spills, 0 with serialised wgmma" in r.stdout, r.stdout
     assert "24 builds for sm_90a, 0 with undefined descriptors" in r.stdout, r.stdout
 
 
@@ -83,3 +83,30 @@ def _listing(*lines: str) -> str:
 )
 def test_descriptor_check_on_small_listings(body: list[str], flagged: list[list[int]]) -> None:
     assert [missing for _, missing in _script().undefined_descriptor_uses(_listing(*body))] == flagged
+
+
+# ptxas -v reports as the bundled ptxas 12.8 printed them: the pipelined union consumer of
+# kernel-notes v36 (serialised), and the Triton dK/dV kernel at head_dim 128 (spilling).
+SERIALISED = """\
+ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are serialized due to non wgmma \
+instructions reading accumulator registers of  a wgmma between start and end of the pipeline stage in the function \
+'_attn_fwd_union'
+ptxas info    : 11 bytes gmem
+ptxas info    : Compiling entry function '_attn_fwd_union' for 'sm_90a'
+ptxas info    : Function properties for _attn_fwd_union
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 3 barriers
+"""
+SPILLING = """\
+ptxas info    : Compiling entry function '_attn_bwd_dkdv' for 'sm_90a'
+ptxas info    : Function properties for _attn_bwd_dkdv
+    120 bytes stack frame, 120 bytes spill stores, 120 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 120 bytes cumulative stack size
+"""
+
+
+def test_ptxas_report_reads_spills_registers_and_serialisation() -> None:
+    report = _script().ptxas_report
+    assert report(SERIALISED) == (0, "ptxas info    : Used 168 registers, used 3 barriers", True)
+    assert report(SPILLING) == (
+        240, "ptxas info    : Used 255 registers, used 1 barriers, 120 bytes cumulative stack size", False)
