@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import harness as H  # noqa: E402
 from nabla_attn import (  # noqa: E402
@@ -128,21 +127,16 @@ class Case:
         return call
 
 
-def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
 def measure_dense(c: Case) -> None:
     with torch.no_grad():
-        c.info["cudnn_fwd_ms"] = c.time(lambda: dense_sdpa(c.q, c.k, c.v))
+        c.info["cudnn_fwd_ms"] = c.time(lambda: H.cudnn_attention(c.q, c.k, c.v))
         try:  # diffusers' memory layout; cuDNN takes the strides as they are
-            c.info["cudnn_bshd_fwd_ms"] = c.time(lambda: dense_sdpa(*c.nat_b))
+            c.info["cudnn_bshd_fwd_ms"] = c.time(lambda: H.cudnn_attention(*c.nat_b))
         except RuntimeError as exc:
             c.info["cudnn_bshd_error"] = str(exc)[:300]
     if not c.args.no_backward:
         leaves = [x.detach().requires_grad_() for x in (c.q, c.k, c.v)]
-        c.info["cudnn_fwdbwd_ms"] = c.time(H.grad_step(dense_sdpa, leaves, c.g))
+        c.info["cudnn_fwdbwd_ms"] = c.time(H.grad_step(H.cudnn_attention, leaves, c.g))
     S, heads, D = c.layout.seq_len, c.q.shape[1], c.q.shape[-1]
     c.info["cudnn_fwd_tflops"] = 4.0 * heads * S * S * D / c.info["cudnn_fwd_ms"] / 1e9
     print(f"[{c.name}] S={S} heads={heads}: cuDNN fwd {c.info['cudnn_fwd_ms']:.2f} ms (BSHD view "

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as H  # noqa: E402
-from nabla_attn import TokenLayout, VideoGrid, backends, tile  # noqa: E402
+from nabla_attn import TokenLayout, VideoGrid, backends, nabla_mask_tiled, tile  # noqa: E402
 from nabla_attn.backends.triton import DEFAULT_CONFIG, KernelConfig  # noqa: E402
 
 D0 = DEFAULT_CONFIG
@@ -69,9 +68,8 @@ def main() -> int:
 
     # Dense cuDNN in the same call: backward = (forward + backward) - forward.
     leaves = [x.detach().requires_grad_() for x in (qn, kn, vn)]
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        dense_f = H.time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(*leaves), budget_ms=600)
-        dense_fb = H.time_ms(H.grad_step(torch.nn.functional.scaled_dot_product_attention, leaves, do), budget_ms=1500)
+    dense_f = H.time_ms(lambda: H.cudnn_attention(*leaves), budget_ms=600)
+    dense_fb = H.time_ms(H.grad_step(H.cudnn_attention, leaves, do), budget_ms=1500)
     dense_b = dense_fb - dense_f
     product = 2 * heads * lay.seq_len**2 * D  # FLOPs of one dense product
     dense_rates = {"fwd": 2 * product / dense_f / 1e9, "bwd": 5 * product / dense_b / 1e9}
@@ -79,8 +77,6 @@ def main() -> int:
           f"fwd+bwd {dense_fb:.2f} ms, bwd {dense_b:.2f} ms ({dense_rates['bwd']:.0f} TFLOP/s)", flush=True)
 
     thr, m64 = H.threshold_for_density(q, k, lay, 0.1, 64)
-    from nabla_attn import nabla_mask_tiled
-
     m128 = nabla_mask_tiled(q, k, lay, thr, None, query_block=128)
     names = args.variants.split(",")
     result: dict[str, Any] = {**H.environment(dev), "shape": "wan14b_720p", "threshold": thr,

@@ -150,6 +150,15 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense attention as the baselines time it: cuDNN's SDPA on CUDA (PyTorch's math path on CPU,
+    for smoke runs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
 # ------------------------------------------------------------------------------------------ inputs
 def structured_qkv(layout: TokenLayout, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,7 +34,6 @@ from dataclasses import asdict, replace  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import harness as H  # noqa: E402
 from nabla_attn import MaskSpec, TokenLayout, VideoGrid, backends, tile, untile  # noqa: E402
@@ -166,8 +165,8 @@ def lab_shape(sname: str, layout: TokenLayout, heads: int, head_dim: int, dtype:
               names: list[str], args: argparse.Namespace) -> dict[str, Any]:
     qn, kn, vn = H.structured_qkv(layout, heads, head_dim, dtype, dev)
     q, k, v = (tile(x, layout) for x in (qn, kn, vn))
-    with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION if dev.type == "cuda" else SDPBackend.MATH):
-        dense = H.time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qn, kn, vn), budget_ms=600)
+    with torch.no_grad():
+        dense = H.time_ms(lambda: H.cudnn_attention(qn, kn, vn), budget_ms=600)
     g = layout.grid
     print(f"== {sname} {g.frames}x{g.height}x{g.width} H={heads}: cuDNN dense fwd {dense:.2f} ms", flush=True)
     found = {qb: H.threshold_for_density(q, k, layout, args.density, qb, "reference" if args.smoke else "auto")

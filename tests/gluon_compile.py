@@ -84,15 +84,19 @@ def ptxas_report(stderr: str) -> tuple[int, str, bool]:
     return sum(counts), regs, "C7514" in stderr
 
 
-def spills(ptx: str) -> tuple[int, str, bool]:
-    """:func:`ptxas_report` of one kernel's PTX assembled for sm_90a by the bundled ptxas."""
+def bundled(tool: str) -> Path:
+    """A CUDA tool Triton ships with its NVIDIA backend (``ptxas``, ``nvdisasm``)."""
     import triton
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+
+
+def assemble(ptx: str) -> tuple[int, str, bool]:
+    """:func:`ptxas_report` of one kernel's PTX assembled for sm_90a by the bundled ptxas."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.ptx")
         path.write_text(ptx)
-        r = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
+        r = subprocess.run([str(bundled("ptxas")), "-arch=sm_90a", "-v", str(path), "-o", os.devnull],
                            capture_output=True, text=True, check=True)
     return ptxas_report(r.stderr)
 
@@ -191,13 +195,11 @@ def undefined_descriptor_uses(sass: str) -> list[tuple[str, list[int]]]:
 
 def disassemble(cubin: bytes) -> str:
     """``nvdisasm -c`` of a cubin (the one Triton bundles)."""
-    import triton
-
-    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "kernel.cubin")
         path.write_bytes(cubin)
-        return subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(bundled("nvdisasm")), "-c", str(path)], capture_output=True, text=True,
+                              check=True).stdout
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ def build_all() -> list[Build]:
             tile = f", {const['BLOCK_M']}-row tiles" if label == "Triton forward" else ""
             name = f"{label}{tile}, head_dim {const['HEAD_DIM']}" + (", padded" if const["PAD"] else "")
             flagged = undefined_descriptor_uses(disassemble(kernel.asm["cubin"]))
-            built.append(Build(name, label.startswith("Gluon"), *spills(kernel.asm["ptx"]), flagged))
+            built.append(Build(name, label.startswith("Gluon"), *assemble(kernel.asm["ptx"]), flagged))
     return built
 
 
