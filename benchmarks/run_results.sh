@@ -10,7 +10,8 @@ source "$(dirname "$0")/device_env.sh"
 export PYTHONPATH="${SITE}src"
 run attention ${ATTN_S:-250} python3 benchmarks/bench_attention.py --shapes wan14b_720p --calls 10 --json "$OUT/attention_h200.json"
 run kandinsky ${K5_S:-200} python3 benchmarks/bench_kandinsky.py --eager-only --out "$OUT/kandinsky_h200.json"
-run wan_block_train ${WAN_S:-130} python3 benchmarks/bench_wan_block.py --no-compile --budget-s 200 --out "$OUT/wan_block_train_h200.json"
-for name in attention kandinsky wan_block_train; do
+run wan_block ${WAN_S:-200} python3 benchmarks/bench_wan_block.py --budget-s 150 --out "$OUT/wan_block_h200.json"
+run wan_block_q64 ${WAN_S:-200} python3 benchmarks/bench_wan_block.py --query-block 64 --budget-s 150 --out "$OUT/wan_block_q64_h200.json"
+for name in attention kandinsky wan_block wan_block_q64; do
   echo "---------------- $name"; tail -n 30 "$OUT/$name.log"
 done

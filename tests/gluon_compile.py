@@ -216,8 +216,9 @@ class Build:
 
 def build_all() -> list[Build]:
     """Build every launch variant of the Gluon forward (128- and 64-row tables, head_dim 64 and
-    128, with and without padded blocks) and of the Triton kernels a Hopper card runs in bfloat16
-    (the forward on 64- and 128-row tiles, the two backward kernels; tensor-descriptor loads)."""
+    128, with and without padded blocks, at 128 also with the natural-order output) and of the
+    Triton kernels a Hopper card runs in bfloat16 (the forward on 64- and 128-row tiles, likewise,
+    the two backward kernels; tensor-descriptor loads)."""
     from triton.runtime import driver
 
     # For this process only: nothing here can launch a kernel afterwards (no default driver to go
@@ -239,11 +240,14 @@ def build_all() -> list[Build]:
             indices = torch.arange(nq, dtype=torch.int32).expand(B, H, nq, nq).contiguous()
             pairs = torch.arange(nq, dtype=torch.int32).view(-1, 2)
             c128, i128 = counts[..., : nq // 2], indices[..., : nq // 2, :].contiguous()
-            ws.forward(q, q, q, c128, i128, bcnt, 0.1, padded=padded)
-            ws.forward(q, q, q, counts, indices, bcnt, 0.1, padded=padded, kept=kept, pairs=pairs)
-            for tile, c, i in ((64, counts, indices), (128, c128, i128)):
-                tri.forward(q, q, q, c, i, bcnt, 0.1, tile_m=tile, padded=padded, tma=True, warps=cfg.fwd_warps,
-                            stages=cfg.fwd_stages)
+            # The forward-only epilogue writing natural order, at head_dim 128 (the register-heaviest).
+            outs = [{}] + ([{"out": q, "rows": torch.arange(S, dtype=torch.int32)}] if D == 128 else [])
+            for out in outs:
+                ws.forward(q, q, q, c128, i128, bcnt, 0.1, padded=padded, **out)
+                ws.forward(q, q, q, counts, indices, bcnt, 0.1, padded=padded, kept=kept, pairs=pairs, **out)
+                for tile, c, i in ((64, counts, indices), (128, c128, i128)):
+                    tri.forward(q, q, q, c, i, bcnt, 0.1, tile_m=tile, padded=padded, tma=True,
+                                warps=cfg.fwd_warps, stages=cfg.fwd_stages, **out)
             tri.backward(q, q, q, q, q, lse, counts, indices, counts, indices, bcnt, 0.1, list_shift=0, padded=padded,
                          tma=True, dq_warps=cfg.dq_warps, dq_stages=cfg.dq_stages, dkdv_warps=cfg.dkdv_warps,
                          dkdv_stages=cfg.dkdv_stages)
@@ -254,7 +258,8 @@ def build_all() -> list[Build]:
         for kernel in fn.device_caches[0][0].values():
             const = {fn.arg_names[key[0]]: value for key, value in kernel.src.constants.items()}
             tile = f", {const['BLOCK_M']}-row tiles" if label == "Triton forward" else ""
-            name = f"{label}{tile}, head_dim {const['HEAD_DIM']}" + (", padded" if const["PAD"] else "")
+            output = ", natural-order output" if const.get("NATURAL") else ""
+            name = f"{label}{tile}, head_dim {const['HEAD_DIM']}" + (", padded" if const["PAD"] else "") + output
             flagged = undefined_descriptor_uses(disassemble(kernel.asm["cubin"]))
             built.append(Build(name, label.startswith("Gluon"), *assemble(kernel.asm["ptx"]), flagged))
     return built

@@ -208,10 +208,12 @@ def nabla_attention(
         plan = be.plan(mask)
     if precision == "fp8":
         out = attention_fp8(qt, kt, vt, mask, plan, scale)
+        if order == "natural":
+            out = be.untile(out, lay, like=v)
+    elif order == "natural":
+        out = be.attention_natural(qt, kt, vt, mask, plan, scale, like=v)
     else:
         out = be.attention(qt, kt, vt, mask, plan, scale)
-    if order == "natural":
-        out = be.untile(out, lay, like=v)
     return (out, mask) if return_mask else out
 
 

@@ -86,6 +86,12 @@ class Backend:
                   scale: float) -> torch.Tensor:
         raise NotImplementedError
 
+    def attention_natural(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                          plan: Any, scale: float, like: torch.Tensor) -> torch.Tensor:
+        """:meth:`attention` on tiled q, k, v with the output in natural order and ``like``'s memory
+        layout (:meth:`untile`); a backend whose kernel can write natural order overrides this."""
+        return self.untile(self.attention(q, k, v, mask, plan, scale), mask.layout, like=like)
+
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockSparseMask, float], torch.Tensor]
 

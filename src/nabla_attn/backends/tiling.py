@@ -71,7 +71,9 @@ def _(x, layout, dim, kernel, pool):  # type: ignore[no-untyped-def]
     return x.new_empty(_tiled_shape(x, d, lay.tiled_len)), x.new_empty(_means_shape(x, lay, d, pool), dtype=torch.float32)
 
 
-def _untile_out(x: torch.Tensor, lay: TokenLayout, d: int, like: torch.Tensor | None) -> torch.Tensor:
+def untile_output(x: torch.Tensor, lay: TokenLayout, d: int, like: torch.Tensor | None) -> torch.Tensor:
+    """An empty natural-order tensor for tiled ``x`` (token axis ``d``): ``like``'s memory layout
+    where it has unit stride in the last dim, else contiguous."""
     shape = _tiled_shape(x, d, lay.seq_len)
     if like is not None:
         out = torch.empty_like(like, dtype=x.dtype)
@@ -84,7 +86,7 @@ def _untile_out(x: torch.Tensor, lay: TokenLayout, d: int, like: torch.Tensor | 
 def _untile(x: torch.Tensor, layout: Sequence[int], dim: int, kernel: bool, like: torch.Tensor | None) -> torch.Tensor:
     lay = TokenLayout.from_key(layout)
     d = token_dim(x, dim)
-    out = _untile_out(x, lay, d, like)
+    out = untile_output(x, lay, d, like)
     rows, out_rows = (_as_rows(x, d), _as_rows(out, d)) if kernel else (None, None)
     if rows is None or out_rows is None:
         natural = grid.untile(x, lay, d)
@@ -97,7 +99,7 @@ def _untile(x: torch.Tensor, layout: Sequence[int], dim: int, kernel: bool, like
 
 @_untile.register_fake
 def _(x, layout, dim, kernel, like):  # type: ignore[no-untyped-def]
-    return _untile_out(x, TokenLayout.from_key(layout), token_dim(x, dim), like)
+    return untile_output(x, TokenLayout.from_key(layout), token_dim(x, dim), like)
 
 
 def _tile_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]

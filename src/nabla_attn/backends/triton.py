@@ -26,6 +26,7 @@ import torch
 from ..constants import BLOCK_TOKENS
 from ..grid import TokenLayout
 from ..masks import BlockSparseMask
+from . import tiling
 from .base import Request
 from .fused import GpuMaskBackend, KvLists, kv_lists
 
@@ -99,12 +100,16 @@ def warp_specialized(q: torch.Tensor, query_block: int, scale: float, cfg: Kerne
 @torch.library.custom_op("nabla_attn::triton_attention", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
              kept: torch.Tensor, layout: Sequence[int], query_block: int, scale: float,
-             config: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+             config: Sequence[int], like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, lse)``, the output tiled like q; with ``like``, the kernel's epilogue writes it in
+    natural order with ``like``'s memory layout instead (no untiling pass; forward only)."""
     from ..kernels import attention as kernel
 
     cfg = KernelConfig.decode(config)
     lay = TokenLayout.from_key(layout)
     bcnt = lay.block_counts(q.device)
+    natural = {} if like is None else {"out": tiling.untile_output(q, lay, -2, like),
+                                       "rows": lay.table("tile_rows", q.device)}
     if warp_specialized(q, query_block, scale, cfg):
         from ..kernels import attention_ws
 
@@ -112,14 +117,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Te
         q64 = query_block == 64
         pairs = lay.table("query_pairs", q.device) if q64 else None
         return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages,
-                                    kept=kept if q64 else None, pairs=pairs)
+                                    kept=kept if q64 else None, pairs=pairs, **natural)
     return kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
-                          tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
+                          tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages, **natural)
 
 
 @_forward.register_fake
-def _(q, k, v, counts, indices, kept, layout, query_block, scale, config):  # type: ignore[no-untyped-def]
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, counts, indices, kept, layout, query_block, scale, config, like=None):  # type: ignore[no-untyped-def]
+    out = torch.empty_like(q) if like is None else tiling.untile_output(q, TokenLayout.from_key(layout), -2, like)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("nabla_attn::triton_attention_backward", mutates_args=())
@@ -149,16 +155,20 @@ def _(do, q, k, v, o, lse, counts, indices, kept, layout, query_block, scale, co
 
 
 def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, counts, indices, kept, ctx.layout, ctx.query_block, ctx.scale, ctx.config = inputs
+    q, k, v, counts, indices, kept, ctx.layout, ctx.query_block, ctx.scale, ctx.config, like = inputs
     o, lse = output
+    ctx.natural = like is not None
     ctx.save_for_backward(q, k, v, o, lse, counts, indices, kept)
 
 
 def _backward(ctx: Any, do: torch.Tensor, dlse: torch.Tensor | None) -> tuple:
+    if ctx.natural:
+        raise RuntimeError("nabla_attn::triton_attention with a natural-order output (like=) is forward only: "
+                           "the backward reads the tiled output, so calls that need gradients untile it instead")
     q, k, v, o, lse, counts, indices, kept = ctx.saved_tensors
     dq, dk, dv = _backward_op(do, q, k, v, o, lse, counts, indices, kept, ctx.layout, ctx.query_block, ctx.scale,
                               ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _forward.register_autograd(_backward, setup_context=_setup)
@@ -190,11 +200,26 @@ class TritonBackend(GpuMaskBackend):
         """Block-sparse attention on tiled ``[B, H, tiled_len, D]`` tensors; differentiable in q, k, v.
         ``mask`` may have size-1 batch/head dimensions (broadcast); ``plan``: its :class:`KvLists`
         from :meth:`build_mask` (None: compacted here)."""
+        return self._attend(q, k, v, mask, plan, scale, None, config)
+
+    def attention_natural(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                          plan: Any, scale: float, like: torch.Tensor,
+                          config: KernelConfig | None = None) -> torch.Tensor:
+        """:meth:`attention` with the output in natural order and ``like``'s memory layout. A
+        forward-only call has the kernel's epilogue write natural order (no untiling pass); with
+        gradients the tiled output, which the backward reads, is untiled (writing both measured no
+        faster in a training step: ``docs/kernel-notes.md`` v38)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return self.untile(self._attend(q, k, v, mask, plan, scale, None, config), mask.layout, like=like)
+        return self._attend(q, k, v, mask, plan, scale, like, config)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, plan: Any,
+                scale: float, like: torch.Tensor | None, config: KernelConfig | None) -> torch.Tensor:
         lists = plan if isinstance(plan, KvLists) else self.plan(mask)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         cfg = config or DEFAULT_CONFIG
         out, _ = _forward(q, k, v, lists.counts, lists.indices, mask.kept, mask.layout.key, mask.query_block,
-                          float(scale), cfg.encode())
+                          float(scale), cfg.encode(), like)
         return out
 
 

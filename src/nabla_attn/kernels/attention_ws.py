@@ -103,8 +103,9 @@ def _softmax_step(s, m_i, l_i, qk_scale):
 # partitions (the second consumer runs as a worker), so each ignores what it does not use.
 @gluon.jit
 def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-              O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
-              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+              O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+              NATURAL: gl.constexpr):
     BLOCK_N: gl.constexpr = 2 * ROWS
     s_layout: gl.constexpr = _mma_layout(BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
@@ -157,23 +158,29 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(kv_empty.index(st), count=1)
 
-    _epilogue(acc, m_i, l_i, O, LSE, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout, o_layout, dtype)
+    _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout, o_layout, dtype, NATURAL)
 
 
 @gluon.jit
-def _epilogue(acc, m_i, l_i, O, LSE, row0, first, S, HEAD_DIM: gl.constexpr, s_layout: gl.constexpr,
-              o_layout: gl.constexpr, dtype: gl.constexpr):
-    """Normalise and store a consumer's 64 rows starting at ``first`` (and their log-sum-exp)."""
+def _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, first, S, HEAD_DIM: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, dtype: gl.constexpr, NATURAL: gl.constexpr):
+    """Normalise and store a consumer's 64 rows starting at tiled row ``first`` (and their log-sum-exp)
+    into the head of ``O`` at ``o_off`` with token stride ``o_s``; ``NATURAL``: ``O`` is in natural
+    order, tiled row ``r`` goes to row ``ROWMAP[r]`` (``-1``: padding, not stored)."""
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     # S is a multiple of 64: each consumer's 64 rows are all real or (last tile) all past the end.
     if first < S:
         has = l_i > 0.0
         l_safe = gl.where(has, l_i, 1.0)
-        out = acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)
-        rows = (row0 + first + gl.arange(0, ROWS, layout=row_o)).to(gl.int64)
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        gl.store(O + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), out.to(dtype))
+        out = (acc / gl.expand_dims(gl.convert_layout(l_safe, row_o), 1)).to(dtype)
+        rows = first + gl.arange(0, ROWS, layout=row_o)
+        cols = gl.expand_dims(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout)), 0)
+        if NATURAL:
+            dst = gl.load(ROWMAP + rows).to(gl.int64)
+            gl.store(O + o_off + gl.expand_dims(dst * o_s, 1) + cols, out, mask=gl.expand_dims(dst >= 0, 1))
+        else:
+            gl.store(O + o_off + gl.expand_dims(rows.to(gl.int64) * o_s, 1) + cols, out)
         lse = gl.where(has, m_i + gl.log2(l_safe), float("inf"))
         gl.store(LSE + (row0 + first + gl.arange(0, ROWS, layout=row_s)).to(gl.int64), lse)
 
@@ -212,8 +219,9 @@ def _pass_slots(k_ready, kv_empty, start, stop, NUM_STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
-                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+                    O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
+                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+              NATURAL: gl.constexpr):
     """One consumer of a 64-row table: its own list ``IDX`` (``cnt`` blocks) whose entries sit at
     union positions ``POS`` (ascending). Union slots hold one block each; the consumer visits every
     union position in order, computes its own and releases the others (:func:`_pass_slots`).
@@ -300,13 +308,14 @@ def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q
         mbarrier.arrive(kv_empty.index(sa), count=1)
         rest = a + 1
     _pass_slots(k_ready, kv_empty, rest, ucnt, NUM_STAGES)
-    _epilogue(acc, m_i, l_i, O, LSE, row0, first, S, HEAD_DIM, s_layout, o_layout, dtype)
+    _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, first, S, HEAD_DIM, s_layout, o_layout, dtype, NATURAL)
 
 
 @gluon.jit
 def _producer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                    O, LSE, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
-                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+                    O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
+                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+              NATURAL: gl.constexpr):
     """Q of both blocks, then each block of the union list ``UIDX`` once, K and V into one slot; a
     slot is refilled once both consumers released it. (A missing second block has ``first1 = S``:
     its Q rows are the next head's or past the tensor, zero-filled, and never stored.)"""
@@ -326,8 +335,9 @@ def _producer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q
 
 @gluon.jit
 def _producer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-              O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
-              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+              O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale,
+              HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+              NATURAL: gl.constexpr):
     # Rows past the head's end belong to the next head (or lie past the tensor: zero-filled); the
     # consumer that gets them never stores its result.
     mbarrier.expect(q_bar, 2 * Q_desc.block_type.nbytes)
@@ -372,16 +382,19 @@ def _ring(Q_desc, K_desc, V_desc, SLOT_KEYS: gl.constexpr, HEAD_DIM: gl.constexp
 
 
 @gluon.jit
-def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, i_h, i_r, H, S, qk_scale,
-                 HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, ROWMAP, CNT, IDX, BCNT, o_b, o_h, o_s, c_b, c_h, i_b, i_h,
+                 i_r, H, S, qk_scale, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
+                 NATURAL: gl.constexpr):
     """One program per (128-row query tile, batch*head). ``Q_desc``/``K_desc``/``V_desc``: tensor
     descriptors over contiguous ``[B*H*S, D]`` with 64 x D boxes; ``O`` contiguous like q; ``LSE``
-    ``[B*H*S]`` float32; ``CNT``/``IDX``: the 128-row table's kv lists; ``BCNT``: real tokens per
-    key block (read only with ``PAD``)."""
+    ``[B*H*S]`` float32; ``O``: the output with strides ``o_b, o_h, o_s``, tiled like q or (``NATURAL``)
+    in natural order, each tiled row's row there in ``ROWMAP`` (:func:`_epilogue`); ``CNT``/``IDX``:
+    the 128-row table's kv lists; ``BCNT``: real tokens per key block (read only with ``PAD``)."""
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     b = (bh // H).to(gl.int64)
     h = (bh % H).to(gl.int64)
+    o_off = b * o_b + h * o_h
     cnt = gl.load(CNT + b * c_b + h * c_h + pid_m)
     IDX_row = IDX + b * i_b + h * i_h + pid_m * i_r
     # Box coordinates of the copy engine are 32-bit: B*H*S rows stay far below 2^31.
@@ -394,18 +407,18 @@ def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, BCNT, c_b, c_h, i_b, 
 
     gl.warp_specialize([
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD)),
+                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
         (_producer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
     ], [4, 1], [240, 24])
 
 
 @gluon.jit
-def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, BCNT, PAIRS,
-                    c_b, c_h, i_b, i_h, i_r, u_b, u_h, ui_b, ui_h, ui_r, H, S, qk_scale,
-                    HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr):
+def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, ROWMAP, CNT, IDX, UCNT, UIDX, POS, BCNT, PAIRS,
+                    o_b, o_h, o_s, c_b, c_h, i_b, i_h, i_r, u_b, u_h, ui_b, ui_h, ui_r, H, S, qk_scale,
+                    HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr, NATURAL: gl.constexpr):
     """One program per (pair of 64-row query blocks, batch*head) of a 64-row table: ``PAIRS`` the
     two rows of each pair (``-1``: no second row), ``CNT``/``IDX`` the table's kv lists,
     ``UCNT``/``UIDX`` the union list of each pair, ``POS`` (strides of ``IDX``) each own entry's
@@ -414,6 +427,7 @@ def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, B
     bh = gl.program_id(1)
     b = (bh // H).to(gl.int64)
     h = (bh % H).to(gl.int64)
+    o_off = b * o_b + h * o_h
     r0 = gl.load(PAIRS + 2 * pid_m)
     r1 = gl.load(PAIRS + 2 * pid_m + 1)
     has1 = r1 >= 0
@@ -435,14 +449,14 @@ def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, CNT, IDX, UCNT, UIDX, POS, B
 
     gl.warp_specialize([
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                           O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
+                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                           O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, first0, first1, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD)),
+                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
+                           row0, first0, first1, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
         (_producer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                           O, LSE, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD)),
+                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
+                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
     ], [4, 1], [240, 24])
 
 
@@ -522,16 +536,18 @@ def smem_bytes(stages: int, head_dim: int, element_size: int) -> int:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
             block_counts: torch.Tensor, scale: float, *, padded: bool, stages: int = 3,
-            kept: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            kept: torch.Tensor | None = None, pairs: torch.Tensor | None = None, out: torch.Tensor | None = None,
+            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp of contiguous tiled fp16/bf16 q, k, v ``[B, H, S, D]`` (D 64 or
     128) under a table's kv lists; ``scale`` must be positive (it folds into exp2). A 128-row table
     passes its lists alone; a 64-row table also passes its bool table ``kept`` (the union lists are
     built from it) and the ``pairs`` of rows one program holds (:func:`union_lists`). ``stages``
     counts 128-key slots (a 64-row table's ring has twice as many one-block slots in the same
-    shared memory)."""
+    shared memory). ``out``/``rows``: the output in natural order instead, as in
+    :func:`nabla_attn.kernels.attention.forward`."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .attention import bh_strides
+    from .attention import bh_strides, natural_output, token_strides
 
     B, H, S, D = q.shape
     need = smem_bytes(stages, D, q.element_size())
@@ -541,6 +557,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     if B * H * S >= 2**31:
         raise ValueError(f"the warp-specialised forward addresses rows with 32-bit copy-engine coordinates: batch x "
                          f"heads x tokens = {B} x {H} x {S} = {B * H * S} rows must stay below 2^31")
+    natural_output(out, rows, q)
     if kept is not None:
         # The kernel reads each own entry's union position with the kv lists' strides, and every
         # union position must be in one of the two lists (else no consumer waits for its V copy):
@@ -551,23 +568,25 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
                              f"{tuple(counts.shape)} and indices {tuple(indices.shape)} (strides {indices.stride()})")
         if pairs is None:
             raise ValueError("the 64-row forward needs the pairs of query rows its programs hold (pairs=)")
-    o = torch.empty_like(q)
+    o = torch.empty_like(q) if out is None else out
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    rowmap = counts if rows is None else rows
     layout = gl.NVMMASharedLayout.get_default_for(
         [BLOCK_TOKENS, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
     qd, kd, vd = (TensorDescriptor.from_tensor(x.view(B * H * S, D), [BLOCK_TOKENS, D], layout) for x in (q, k, v))
     if kept is not None:
         ucnt, uidx, pos = union_lists(kept, pairs)
         _attn_fwd_union[(pairs.shape[0], B * H)](
-            qd, kd, vd, o, lse, counts, indices, ucnt, uidx, pos, block_counts, pairs, *bh_strides(counts),
-            *bh_strides(indices), indices.stride(2), *bh_strides(ucnt), *bh_strides(uidx), uidx.stride(2),
-            H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=2 * stages, PAD=padded,
-            num_warps=4, maxnreg=168,
+            qd, kd, vd, o, lse, rowmap, counts, indices, ucnt, uidx, pos, block_counts, pairs, *token_strides(o),
+            *bh_strides(counts), *bh_strides(indices), indices.stride(2), *bh_strides(ucnt), *bh_strides(uidx),
+            uidx.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=2 * stages, PAD=padded,
+            NATURAL=out is not None, num_warps=4, maxnreg=168,
         )  # fmt: skip
         return o, lse
     _attn_fwd_ws[(-(-S // 128), B * H)](
-        qd, kd, vd, o, lse, counts, indices, block_counts, *bh_strides(counts), *bh_strides(indices),
-        indices.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=stages, PAD=padded,
+        qd, kd, vd, o, lse, rowmap, counts, indices, block_counts, *token_strides(o), *bh_strides(counts),
+        *bh_strides(indices), indices.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=stages, PAD=padded,
+        NATURAL=out is not None,
         # 3 warpgroups (two 4-warp consumers, a 1-warp producer) at 168 registers; setmaxnreg then
         # moves them to 240 per consumer thread and 24 for the producer.
         num_warps=4, maxnreg=168,
