@@ -217,8 +217,8 @@ class Build:
 def build_all() -> list[Build]:
     """Build every launch variant of the Gluon forward (128- and 64-row tables, head_dim 64 and
     128, with and without padded blocks, at 128 also with the natural-order output) and of the
-    Triton kernels a Hopper card runs in bfloat16 (the forward on 64- and 128-row tiles, likewise,
-    the two backward kernels; tensor-descriptor loads)."""
+    Triton kernels a Hopper card runs in bfloat16 (the forward on 64- and 128-row tiles, the two
+    backward kernels; tensor-descriptor loads)."""
     from triton.runtime import driver
 
     # For this process only: nothing here can launch a kernel afterwards (no default driver to go
@@ -245,9 +245,9 @@ def build_all() -> list[Build]:
             for out in outs:
                 ws.forward(q, q, q, c128, i128, bcnt, 0.1, padded=padded, **out)
                 ws.forward(q, q, q, counts, indices, bcnt, 0.1, padded=padded, kept=kept, pairs=pairs, **out)
-                for tile, c, i in ((64, counts, indices), (128, c128, i128)):
-                    tri.forward(q, q, q, c, i, bcnt, 0.1, tile_m=tile, padded=padded, tma=True,
-                                warps=cfg.fwd_warps, stages=cfg.fwd_stages, **out)
+            for tile, c, i in ((64, counts, indices), (128, c128, i128)):
+                tri.forward(q, q, q, c, i, bcnt, 0.1, tile_m=tile, padded=padded, tma=True, warps=cfg.fwd_warps,
+                            stages=cfg.fwd_stages)
             tri.backward(q, q, q, q, q, lse, counts, indices, counts, indices, bcnt, 0.1, list_shift=0, padded=padded,
                          tma=True, dq_warps=cfg.dq_warps, dq_stages=cfg.dq_stages, dkdv_warps=cfg.dkdv_warps,
                          dkdv_stages=cfg.dkdv_stages)

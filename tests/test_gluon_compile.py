@@ -34,7 +34,7 @@ def _script():  # noqa: ANN202 - the module object of tests/gluon_compile.py
 
 def test_hopper_builds_without_spills_or_undefined_descriptors() -> None:
     """The 12 Gluon forward builds (tiled and natural-order output) without spills or serialised
-    wgmma; all 32 Hopper builds (Gluon and Triton kernels) without wgmma descriptors read from
+    wgmma; all 28 Hopper builds (Gluon and Triton kernels) without wgmma descriptors read from
     registers not written on every path."""
     triton = pytest.importorskip("triton", reason="Triton is not installed")
     from nabla_attn.kernels.attention_ws import gluon_validated
@@ -47,7 +47,7 @@ def test_hopper_builds_without_spills_or_undefined_descriptors() -> None:
     r = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "12 Gluon builds for sm_90a, 0 with spills, 0 with serialised wgmma" in r.stdout, r.stdout
-    assert "32 builds for sm_90a, 0 with undefined descriptors" in r.stdout, r.stdout
+    assert "28 builds for sm_90a, 0 with undefined descriptors" in r.stdout, r.stdout
 
 
 def test_descriptor_check_flags_the_miscompiled_build() -> None:

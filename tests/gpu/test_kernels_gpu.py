@@ -166,10 +166,11 @@ def test_bf16_forward_and_backward_within_twice_pytorch(query_block: int, ws: bo
 @pytest.mark.parametrize("query_block", [64, 128])
 @pytest.mark.parametrize("ws", [False, True])
 def test_natural_order_output_equals_untiled(query_block: int, ws: bool) -> None:
-    """The kernels' natural-order epilogue (a forward-only call on natural-order input: no untiling
-    pass) against the tiled output untiled, bit for bit, output and [B, S, H, D] memory layout;
-    with gradients the path untiles, and output and gradients match again. Padded edge tiles and a
-    text block at the start, so padding rows are skipped and text rows land first."""
+    """The Gluon forwards' natural-order epilogue (a forward-only call on natural-order input: no
+    untiling pass) against the tiled output untiled, bit for bit, output and [B, S, H, D] memory
+    layout; with gradients, and on the Triton forward, the path untiles, and output and gradients
+    match again. Padded edge tiles and a text block at the start, so padding rows are skipped and
+    text rows land first."""
     if ws and not HOPPER:
         pytest.skip("the Gluon forward runs on sm_90 only")
     layout = TokenLayout(VideoGrid(5, 21, 35), 40, "start")

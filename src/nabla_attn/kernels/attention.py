@@ -94,18 +94,16 @@ def program_ids(H, S, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, CNT, IDX, BCNT, ROWMAP,
+    Q, K, V, O, LSE, CNT, IDX, BCNT,
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
     c_b, c_h, i_b, i_h, i_r,
     H, S, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, PAD: tl.constexpr,
-    FOLD: tl.constexpr, TMA: tl.constexpr, NATURAL: tl.constexpr,
+    FOLD: tl.constexpr, TMA: tl.constexpr,
 ):
     """``TMA``: K and V are tensor descriptors (Hopper's bulk copy engine) over ``[B*H*S, D]`` with
     64 x D boxes; one listed key block is exactly one box, so the copy needs no gather.
-    ``PAD``: some key blocks have padding slots. ``FOLD``: the scale is positive and folds into exp2.
-    ``NATURAL``: ``O`` is in natural order: tiled row ``r`` goes to row ``ROWMAP[r]`` (``-1``:
-    padding, not stored)."""
+    ``PAD``: some key blocks have padding slots. ``FOLD``: the scale is positive and folds into exp2."""
     pid_m, bh, b, h, offs_m, row_ok = program_ids(H, S, BLOCK_M)
     offs_n = tl.arange(0, 64)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -132,14 +130,9 @@ def _attn_fwd(
         m_i, l_i, acc = _fwd_update(s, v, m_i, l_i, acc, qk_scale, FOLD, IEEE)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
-    out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
-    if NATURAL:
-        dst = tl.load(ROWMAP + offs_m, mask=row_ok, other=-1)
-        ok = dst >= 0
-    else:
-        dst = offs_m
-        ok = row_ok
-    tl.store(O + b * so_b + h * so_h + dst.to(tl.int64)[:, None] * so_s + offs_d[None, :], out, mask=ok[:, None])
+    out = acc / l_safe[:, None]
+    tl.store(O + b * so_b + h * so_h + offs_m.to(tl.int64)[:, None] * so_s + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = tl.where(has, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(LSE + row0 + offs_m, lse, mask=row_ok)
 
@@ -236,8 +229,7 @@ def _attn_bwd_dkdv(
 
 
 # ------------------------------------------------------------------------------------- launchers
-def token_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, head and token strides of a ``[B, H, S, D]`` tensor."""
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
@@ -263,45 +255,25 @@ def _descriptor(x: torch.Tensor) -> object:
     return TensorDescriptor.from_tensor(x.view(B * H * S, D), [BLOCK_TOKENS, D])
 
 
-def natural_output(out: torch.Tensor | None, rows: torch.Tensor | None, q: torch.Tensor) -> None:
-    """Check a forward's natural-order output ``out`` ``[B, H, Sn, D]`` (unit stride in D) and its
-    row map ``rows`` (int32 ``[S]``: each tiled row's natural row, ``-1`` for padding) against tiled q."""
-    if (out is None) != (rows is None):
-        raise ValueError("a natural-order output needs both out= and rows=")
-    if out is None or rows is None:
-        return
-    B, H, S, D = q.shape
-    if (out.dim() != 4 or tuple(out.shape[:2]) != (B, H) or out.shape[3] != D or out.stride(3) != 1
-            or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError(f"natural-order output {out.dtype} {tuple(out.shape)} (strides {out.stride()}) does not fit "
-                         f"tiled q {q.dtype} {tuple(q.shape)}")
-    if rows.shape != (S,) or rows.dtype != torch.int32 or not rows.is_contiguous():
-        raise ValueError(f"row map must be contiguous int32 [{S}], got {rows.dtype} {tuple(rows.shape)}")
-
-
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
             block_counts: torch.Tensor, scale: float, *, tile_m: int, padded: bool, tma: bool,
-            warps: int = 4, stages: int = 2, out: torch.Tensor | None = None,
-            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            warps: int = 4, stages: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Output ``[B, H, S, D]`` and base-2 log-sum-exp ``[B, H, S]`` float32 of contiguous tiled q, k, v.
 
     ``counts``/``indices``: kv lists of a table with ``tile_m``-token rows (one row per tile);
     ``block_counts``: real tokens per key block (int32); ``padded``: some block has fewer than 64.
-    ``tma`` uses tensor descriptors for K and V (Hopper). ``out``/``rows``: write the output in
-    natural order into ``out`` instead (:func:`natural_output`; returned in place of the tiled one),
-    which saves the untiling pass of a forward-only call."""
+    ``tma`` uses tensor descriptors for K and V (Hopper)."""
     B, H, S, D = q.shape
-    natural_output(out, rows, q)
-    o = torch.empty_like(q) if out is None else out
+    o = torch.empty_like(q)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     kk, vv = (_descriptor(k), _descriptor(v)) if tma else (k, v)
     _attn_fwd[(-(-S // tile_m), B * H)](
-        q, kk, vv, o, lse, counts, indices, block_counts, counts if rows is None else rows,
-        *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(o),
+        q, kk, vv, o, lse, counts, indices, block_counts,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         *bh_strides(counts), *bh_strides(indices), indices.stride(2),
         H, S, scale * LOG2E,
         BLOCK_M=tile_m, HEAD_DIM=D, IEEE=q.dtype == torch.float32, PAD=padded, FOLD=scale > 0, TMA=tma,
-        NATURAL=out is not None, num_warps=warps if tile_m == 128 else 4, num_stages=stages,
+        num_warps=warps if tile_m == 128 else 4, num_stages=stages,
     )  # fmt: skip
     return o, lse
 
@@ -323,7 +295,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ieee = q.dtype == torch.float32
     _attn_bwd_dq[(S // BLOCK_TOKENS, B * H)](
         q, kk, vv, o, do, dq, lse, delta, counts, indices, block_counts,
-        *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(o), *token_strides(do),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do),
         *bh_strides(counts), *bh_strides(indices), indices.stride(2),
         H, S, scale * LOG2E, scale,
         BLOCK_M=BLOCK_TOKENS, HEAD_DIM=D, IEEE=ieee, PAD=padded, TMA=tma, LIST_SHIFT=list_shift,
@@ -331,7 +303,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     )  # fmt: skip
     _attn_bwd_dkdv[(S // BLOCK_TOKENS, B * H)](
         qq, k, v, dd, dk, dv, lse, delta, q_counts, q_indices, block_counts,
-        *token_strides(q), *token_strides(k), *token_strides(v), *token_strides(do),
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *bh_strides(q_counts), *bh_strides(q_indices), q_indices.stride(2),
         H, S, scale * LOG2E, scale,
         HEAD_DIM=D, IEEE=ieee, PAD=padded, TMA=tma, num_warps=dkdv_warps, num_stages=dkdv_stages,

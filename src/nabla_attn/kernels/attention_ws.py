@@ -534,6 +534,20 @@ def smem_bytes(stages: int, head_dim: int, element_size: int) -> int:
     return (2 + 4 * stages) * BLOCK_TOKENS * head_dim * element_size
 
 
+def _check_natural(out: torch.Tensor | None, rows: torch.Tensor | None, q: torch.Tensor) -> None:
+    if (out is None) != (rows is None):
+        raise ValueError("a natural-order output needs both out= and rows=")
+    if out is None or rows is None:
+        return
+    B, H, S, D = q.shape
+    if (out.dim() != 4 or tuple(out.shape[:2]) != (B, H) or out.shape[3] != D or out.stride(3) != 1
+            or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"natural-order output {out.dtype} {tuple(out.shape)} (strides {out.stride()}) on "
+                         f"{out.device} does not fit tiled q {q.dtype} {tuple(q.shape)} on {q.device}")
+    if rows.shape != (S,) or rows.dtype != torch.int32 or not rows.is_contiguous():
+        raise ValueError(f"row map must be contiguous int32 [{S}], got {rows.dtype} {tuple(rows.shape)}")
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
             block_counts: torch.Tensor, scale: float, *, padded: bool, stages: int = 3,
             kept: torch.Tensor | None = None, pairs: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -543,11 +557,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     passes its lists alone; a 64-row table also passes its bool table ``kept`` (the union lists are
     built from it) and the ``pairs`` of rows one program holds (:func:`union_lists`). ``stages``
     counts 128-key slots (a 64-row table's ring has twice as many one-block slots in the same
-    shared memory). ``out``/``rows``: the output in natural order instead, as in
-    :func:`nabla_attn.kernels.attention.forward`."""
+    shared memory). ``out``/``rows``: write the output in natural order into ``out`` instead
+    (``[B, H, Sn, D]``, any strides with unit stride in D; ``rows``: int32 ``[S]``, each tiled row's
+    natural row, ``-1`` for padding; returned in place of the tiled output), which saves the
+    untiling pass of a forward-only call."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .attention import bh_strides, natural_output, token_strides
+    from .attention import bh_strides
 
     B, H, S, D = q.shape
     need = smem_bytes(stages, D, q.element_size())
@@ -557,7 +573,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     if B * H * S >= 2**31:
         raise ValueError(f"the warp-specialised forward addresses rows with 32-bit copy-engine coordinates: batch x "
                          f"heads x tokens = {B} x {H} x {S} = {B * H * S} rows must stay below 2^31")
-    natural_output(out, rows, q)
+    _check_natural(out, rows, q)
     if kept is not None:
         # The kernel reads each own entry's union position with the kv lists' strides, and every
         # union position must be in one of the two lists (else no consumer waits for its V copy):
@@ -577,14 +593,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     if kept is not None:
         ucnt, uidx, pos = union_lists(kept, pairs)
         _attn_fwd_union[(pairs.shape[0], B * H)](
-            qd, kd, vd, o, lse, rowmap, counts, indices, ucnt, uidx, pos, block_counts, pairs, *token_strides(o),
+            qd, kd, vd, o, lse, rowmap, counts, indices, ucnt, uidx, pos, block_counts, pairs, *o.stride()[:3],
             *bh_strides(counts), *bh_strides(indices), indices.stride(2), *bh_strides(ucnt), *bh_strides(uidx),
             uidx.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=2 * stages, PAD=padded,
             NATURAL=out is not None, num_warps=4, maxnreg=168,
         )  # fmt: skip
         return o, lse
     _attn_fwd_ws[(-(-S // 128), B * H)](
-        qd, kd, vd, o, lse, rowmap, counts, indices, block_counts, *token_strides(o), *bh_strides(counts),
+        qd, kd, vd, o, lse, rowmap, counts, indices, block_counts, *o.stride()[:3], *bh_strides(counts),
         *bh_strides(indices), indices.stride(2), H, S, scale * LOG2E, HEAD_DIM=D, NUM_STAGES=stages, PAD=padded,
         NATURAL=out is not None,
         # 3 warpgroups (two 4-warp consumers, a 1-warp producer) at 168 registers; setmaxnreg then
