@@ -121,7 +121,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Te
                                     kept=kept if q64 else None, pairs=pairs, **natural)
     if like is not None:
         raise ValueError("a natural-order output (like=) is written by the Gluon forward only, which does not run "
-                         f"here (dtype {q.dtype}, head_dim {q.shape[-1]}, query_block {query_block}, device {q.device})")
+                         f"here (dtype {q.dtype}, head_dim {q.shape[-1]}, query_block {query_block}, "
+                         f"device {q.device})")
     return kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
                           tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
 

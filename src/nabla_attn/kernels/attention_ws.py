@@ -158,7 +158,8 @@ def _consumer(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc,
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         mbarrier.arrive(kv_empty.index(st), count=1)
 
-    _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout, o_layout, dtype, NATURAL)
+    _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, tile_row + HALF * ROWS, S, HEAD_DIM, s_layout,
+              o_layout, dtype, NATURAL)
 
 
 @gluon.jit
@@ -219,9 +220,9 @@ def _pass_slots(k_ready, kv_empty, start, stop, NUM_STAGES: gl.constexpr):
 
 @gluon.jit
 def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                    O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
-                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
-              NATURAL: gl.constexpr):
+                    O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0,
+                    first1, S, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    PAD: gl.constexpr, NATURAL: gl.constexpr):
     """One consumer of a 64-row table: its own list ``IDX`` (``cnt`` blocks) whose entries sit at
     union positions ``POS`` (ascending). Union slots hold one block each; the consumer visits every
     union position in order, computes its own and releases the others (:func:`_pass_slots`).
@@ -308,14 +309,15 @@ def _consumer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q
         mbarrier.arrive(kv_empty.index(sa), count=1)
         rest = a + 1
     _pass_slots(k_ready, kv_empty, rest, ucnt, NUM_STAGES)
-    _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, first, S, HEAD_DIM, s_layout, o_layout, dtype, NATURAL)
+    _epilogue(acc, m_i, l_i, O, LSE, ROWMAP, o_off, o_s, row0, first, S, HEAD_DIM, s_layout, o_layout, dtype,
+              NATURAL)
 
 
 @gluon.jit
 def _producer_union(q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                    O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale,
-                    HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, PAD: gl.constexpr,
-              NATURAL: gl.constexpr):
+                    O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX, IDX0, IDX1, POS0, POS1, cnt0, cnt1, ucnt, row0, first0,
+                    first1, S, qk_scale, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    PAD: gl.constexpr, NATURAL: gl.constexpr):
     """Q of both blocks, then each block of the union list ``UIDX`` once, K and V into one slot; a
     slot is refilled once both consumers released it. (A missing second block has ``first1 = S``:
     its Q rows are the next head's or past the tensor, zero-filled, and never stored.)"""
@@ -407,11 +409,14 @@ def _attn_fwd_ws(Q_desc, K_desc, V_desc, O, LSE, ROWMAP, CNT, IDX, BCNT, o_b, o_
 
     gl.warp_specialize([
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
+                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM,
+                     NUM_STAGES, PAD, NATURAL)),
         (_consumer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
+                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 1, HEAD_DIM,
+                     NUM_STAGES, PAD, NATURAL)),
         (_producer, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
+                     O, LSE, ROWMAP, o_off, o_s, BCNT, IDX_row, cnt, row0, tile_row, S, qk_scale, 0, HEAD_DIM,
+                     NUM_STAGES, PAD, NATURAL)),
     ], [4, 1], [240, 24])
 
 
@@ -449,14 +454,17 @@ def _attn_fwd_union(Q_desc, K_desc, V_desc, O, LSE, ROWMAP, CNT, IDX, UCNT, UIDX
 
     gl.warp_specialize([
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
+                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0,
+                           POS + off1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale, 0, HEAD_DIM,
+                           NUM_STAGES, PAD, NATURAL)),
         (_consumer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, first0, first1, S, qk_scale, 1, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
+                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0,
+                           POS + off1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale, 1, HEAD_DIM,
+                           NUM_STAGES, PAD, NATURAL)),
         (_producer_union, (q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, Q_desc, K_desc, V_desc,
-                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0, POS + off1, cnt0, cnt1, ucnt,
-                           row0, first0, first1, S, qk_scale, 0, HEAD_DIM, NUM_STAGES, PAD, NATURAL)),
+                           O, LSE, ROWMAP, o_off, o_s, BCNT, UIDX_row, IDX + off0, IDX + off1, POS + off0,
+                           POS + off1, cnt0, cnt1, ucnt, row0, first0, first1, S, qk_scale, 0, HEAD_DIM,
+                           NUM_STAGES, PAD, NATURAL)),
     ], [4, 1], [240, 24])
 
 
