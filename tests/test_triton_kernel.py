@@ -155,10 +155,10 @@ def test_nabla_attention_triton_backend_end_to_end() -> None:
 
 
 def test_natural_order_op_equals_tiled_op_untiled() -> None:
-    """The op on natural-order input (``Backend.attention_natural``; the Triton forward untiles,
-    only the Gluon forward writes natural order, tested on the GPU) equals the tiled op followed by
-    ``untile``, in the ``[B, S, H, D]`` memory diffusers hands over: output, memory layout and the
-    gradients, bit for bit; without gradients as well."""
+    """The op on natural-order input (``Backend.attention_natural``: the kernel op with ``like=``
+    without gradients, attention then untile with them; the Gluon forward, which writes natural
+    order in its epilogue, is tested on the GPU) equals the tiled op followed by ``untile`` in the
+    ``[B, S, H, D]`` memory diffusers hands over: output, memory layout and gradients, bit for bit."""
     B, H, D = 2, 2, 16
     g = torch.Generator().manual_seed(21)
     leaves = [torch.randn(B, LAYOUT.seq_len, H, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
@@ -176,15 +176,22 @@ def test_natural_order_op_equals_tiled_op_untiled() -> None:
         assert torch.equal(a, b) and a.abs().sum() > 0
 
 
-def test_natural_order_output_needs_the_gluon_forward() -> None:
-    """Only the Gluon forward writes natural order; the custom op refuses ``like`` elsewhere,
-    naming what it got, instead of silently writing tiled order."""
-    q, k, v = _inputs(1, 1, 16, seed=2)
-    mask = _random_mask(1, 1, 64, seed=2)
+def test_natural_order_op_registration() -> None:
+    """The kernel op with a natural-order output (``like=``): schema, fake implementation (the
+    shapes and strides torch.compile sees), autograd registration; its backward refuses, naming why."""
+    B, H, D = 1, 2, 16
+    g = torch.Generator().manual_seed(23)
+    q, k, v = _inputs(B, H, D, seed=23)
+    like = torch.randn(B, LAYOUT.seq_len, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    mask = _random_mask(B, H, 64, seed=6, density=0.15)
     lists = TRITON.plan(mask)
-    with pytest.raises(ValueError, match="Gluon forward only.*head_dim 16"):
-        torch.ops.nabla_attn.triton_attention(q, k, v, lists.counts, lists.indices, mask.kept, list(LAYOUT.key), 64,
-                                              0.25, KernelConfig().encode(), torch.empty_like(q))
+    args = (q, k, v, lists.counts, lists.indices, mask.kept, list(LAYOUT.key), 64, 0.25, KernelConfig().encode(), like)
+    torch.library.opcheck(torch.ops.nabla_attn.triton_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    out, _ = torch.ops.nabla_attn.triton_attention(q.clone().requires_grad_(), *args[1:])
+    assert out.stride() == like.stride()
+    with pytest.raises(RuntimeError, match="forward only"):
+        out.sum().backward()
 
 
 def test_edited_mask_is_never_stale() -> None:

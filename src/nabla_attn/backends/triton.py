@@ -101,9 +101,10 @@ def warp_specialized(q: torch.Tensor, query_block: int, scale: float, cfg: Kerne
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor,
              kept: torch.Tensor, layout: Sequence[int], query_block: int, scale: float,
              config: Sequence[int], like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(output, lse)``, the output tiled like q; with ``like`` (the Gluon forward only), the
-    kernel's epilogue writes it in natural order with ``like``'s memory layout instead (no untiling
-    pass; forward only)."""
+    """``(output, lse)``, the output tiled like q, or with ``like`` in natural order with ``like``'s
+    memory layout (forward only): the Gluon forward's epilogue writes it there (no untiling pass);
+    the Triton forward's output is untiled (its natural-order store measured slower,
+    ``docs/kernel-notes.md`` v38)."""
     from ..kernels import attention as kernel
 
     cfg = KernelConfig.decode(config)
@@ -119,12 +120,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Te
         pairs = lay.table("query_pairs", q.device) if q64 else None
         return attention_ws.forward(q, k, v, counts, indices, bcnt, scale, padded=lay.padded, stages=cfg.ws_stages,
                                     kept=kept if q64 else None, pairs=pairs, **natural)
-    if like is not None:
-        raise ValueError("a natural-order output (like=) is written by the Gluon forward only, which does not run "
-                         f"here (dtype {q.dtype}, head_dim {q.shape[-1]}, query_block {query_block}, "
-                         f"device {q.device})")
-    return kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
-                          tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
+    o, lse = kernel.forward(q, k, v, counts, indices, bcnt, scale, tile_m=query_block, padded=lay.padded,
+                            tma=cfg.tma and kernel.has_tma(q), warps=cfg.fwd_warps, stages=cfg.fwd_stages)
+    return (o, lse) if like is None else (tiling.untile(o, lay, kernel=True, like=like), lse)
 
 
 @_forward.register_fake
@@ -211,15 +209,13 @@ class TritonBackend(GpuMaskBackend):
                           plan: Any, scale: float, like: torch.Tensor,
                           config: KernelConfig | None = None) -> torch.Tensor:
         """:meth:`attention` with the output in natural order and ``like``'s memory layout. A
-        forward-only call on the Gluon forward has the kernel's epilogue write natural order (no
-        untiling pass); otherwise the tiled output is untiled. With gradients the backward reads the
-        tiled output (writing both orders measured no faster in a training step), and in the Triton
-        forward the natural-order store measured slower at 128-row tiles (``docs/kernel-notes.md`` v38)."""
-        cfg = config or DEFAULT_CONFIG
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        if needs_grad or not warp_specialized(q, mask.query_block, scale, cfg):
-            return self.untile(self._attend(q, k, v, mask, plan, scale, None, cfg), mask.layout, like=like)
-        return self._attend(q, k, v, mask, plan, scale, like, cfg)
+        forward-only call goes to the kernel op with ``like`` (on the Gluon forward the epilogue
+        writes natural order: no untiling pass); with gradients the tiled output, which the backward
+        reads, is untiled (writing both orders measured no faster in a training step,
+        ``docs/kernel-notes.md`` v38)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return self.untile(self._attend(q, k, v, mask, plan, scale, None, config), mask.layout, like=like)
+        return self._attend(q, k, v, mask, plan, scale, like, config)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask, plan: Any,
                 scale: float, like: torch.Tensor | None, config: KernelConfig | None) -> torch.Tensor:
