@@ -58,10 +58,7 @@ def main() -> int:
             with torch.no_grad():
                 ref = tri.attention(q, k, v, m, plan, scale, config=replace(D0, warp_specialized=False))
                 diffs = {n: float((fn().float() - ref.float()).abs().max()) for n, fn in fns.items()}
-                ms: dict[str, list[float]] = {"old": [], "new": []}
-                for r in range(rounds):
-                    for n in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                        ms[n].append(H.time_ms(fns[n], budget_ms=300))
+                ms = H.alternating_rounds(fns, rounds, budget_ms=300)
             key = f"{grid[0]}x{grid[1]}x{grid[2]} kept {m.density:.3f}"
             out["rows"][key] = {"dense_cudnn_fwd_ms": dense, "ms": ms, "max_abs_diff_vs_triton": diffs}
             best = {n: min(x) for n, x in ms.items()}

@@ -60,10 +60,7 @@ def main() -> int:
                     }
                     a, b = fns["separate"](), fns["fused"]()
                     assert a.stride() == b.stride() == vn.stride() and torch.equal(a, b), "outputs differ"
-                    ms: dict[str, list[float]] = {n: [] for n in fns}
-                    for r in range(rounds):
-                        for n in list(fns) if r % 2 == 0 else list(reversed(fns)):
-                            ms[n].append(H.time_ms(fns[n], budget_ms=300))
+                    ms = H.alternating_rounds(fns, rounds, budget_ms=300)
                 med = {n: sorted(x)[len(x) // 2] for n, x in ms.items()}
                 key = f"{grid[0]}x{grid[1]}x{grid[2]} q{qb} kept {m.density:.3f}"
                 out["rows"][key] = {"grid": grid, "query_block": qb, "threshold": thr, "density": m.density,

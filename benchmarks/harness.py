@@ -91,6 +91,16 @@ def time_fixed(fn: Callable[[], Any], reps: int, warmup: int) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in zip(starts, stops))
 
 
+def alternating_rounds(fns: dict[str, Callable[[], Any]], rounds: int, budget_ms: float) -> dict[str, list[float]]:
+    """:func:`time_ms` of each variant once per round, in the given order on even rounds and reversed
+    on odd ones, so drift within a call (clocks, L2) hits every variant alike; one time per round."""
+    ms: dict[str, list[float]] = {n: [] for n in fns}
+    for r in range(rounds):
+        for n in list(fns) if r % 2 == 0 else list(reversed(fns)):
+            ms[n].append(time_ms(fns[n], budget_ms=budget_ms))
+    return ms
+
+
 def first_call_s(fn: Callable[[], Any]) -> float:
     """Seconds of one call, synchronised (the JIT compile of a new kernel specialisation included)."""
     sync()
